@@ -1,0 +1,162 @@
+"""The `normlab` command: parses arguments, calls the library, prints. User errors print one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from normlab.errors import NormlabError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+
+def _train(args: argparse.Namespace) -> int:
+    from normlab import pipeline
+    from normlab.config import config_for_preset
+    from normlab.train import Interrupted
+
+    if args.resume and (args.preset or args.set or args.data):
+        raise NormlabError("--resume continues a run with its saved config: drop --preset, --set and --data")
+    try:
+        if args.resume:
+            outcome = pipeline.resume_training(args.out, diagnose=args.diagnose, every=args.every,
+                                               calibrate=args.calibrate, progress=not args.quiet)
+        else:
+            config = config_for_preset(args.preset or "lesson-batchnorm", args.set or [])
+            config.data.path = args.data
+            if args.device:
+                config.train.device = args.device
+            outcome = pipeline.start_training(config, args.out, diagnose=args.diagnose, every=args.every,
+                                              calibrate=args.calibrate, progress=not args.quiet)
+    except Interrupted as stop:
+        print(f"interrupted: checkpoint saved at step {stop.step} in {args.out}; continue with "
+              f"`normlab train --resume --out {args.out}`", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.calibration:
+        calibration = outcome.calibration
+        print(f"calibrated {calibration['layers']} BatchNorm layer(s): val loss {calibration['val_before']:.4f} "
+              f"(running statistics) -> {calibration['val_after']:.4f} (population statistics)")
+    final = outcome.final
+    print(f"final loss  train {final['train']:.4f}  val {final['val']:.4f}  test {final['test']:.4f}")
+    print(f"run directory: {outcome.run.path}")
+    if outcome.report:
+        print(f"report: {outcome.report}")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from normlab.pipeline import sample_run
+
+    samples, stats = sample_run(args.run, args.n, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    print("\n".join(samples.words))
+    print()
+    print("\n".join(stats.lines()))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from normlab.pipeline import evaluate_run
+
+    loss, count = evaluate_run(args.run, args.split, data=args.data)
+    where = args.data if args.data else f"{args.split} split"
+    print(f"{where}: loss {loss:.4f} over {count} examples")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from normlab.pipeline import calibrate_run
+
+    result = calibrate_run(args.run)
+    print(f"calibrated {result['layers']} BatchNorm layer(s) on the training split: val loss "
+          f"{result['val_before']:.4f} (running statistics) -> {result['val_after']:.4f} (population statistics)")
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from normlab.config import config_for_preset
+    from normlab.model import PRESETS
+
+    for name, preset in PRESETS.items():
+        print(f"{name}: {preset.description}")
+        if args.verbose:
+            config = config_for_preset(name)
+            print(json.dumps({"model": dataclasses.asdict(config.model),
+                              "train": dataclasses.asdict(config.train)}, indent=2))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from normlab.pipeline import write_report
+
+    print(f"report: {write_report(args.run)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="normlab", description="Activations, gradients and BatchNorm: a lab.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a preset on a words file into a run directory")
+    train.add_argument("--preset", help="a preset from `normlab presets` (default lesson-batchnorm)")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override a config value, e.g. --set n_hidden=300 --set train.lr=0.05 (repeatable)")
+    train.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    train.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--calibrate", action="store_true", help="recompute BatchNorm statistics at the end")
+    train.add_argument("--diagnose", action="store_true", help="record diagnostics and write report.html")
+    train.add_argument("--every", type=int, default=100, help="steps between diagnostic recordings")
+    train.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(handler=_train)
+
+    sample = commands.add_parser("sample", help="sample words from a run")
+    sample.add_argument("run")
+    sample.add_argument("-n", type=int, default=20, help="number of words")
+    sample.add_argument("--temperature", type=float, default=1.0, help="> 0; below 1 sharpens, above 1 flattens")
+    sample.add_argument("--top-k", type=int, default=None, help="sample among the k most likely characters")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(handler=_sample)
+
+    evaluate = commands.add_parser("eval", help="loss of a run on a split (or another words file)")
+    evaluate.add_argument("run")
+    evaluate.add_argument("--split", choices=("train", "val", "test"), default="val")
+    evaluate.add_argument("--data", help="evaluate on every word of this file instead of a split")
+    evaluate.set_defaults(handler=_eval)
+
+    calibrate = commands.add_parser("calibrate", help="set BatchNorm statistics to the training split's")
+    calibrate.add_argument("run")
+    calibrate.set_defaults(handler=_calibrate)
+
+    presets = commands.add_parser("presets", help="list the presets")
+    presets.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
+    presets.set_defaults(handler=_presets)
+
+    report = commands.add_parser("report", help="rebuild report.html of a run from its stored diagnostics")
+    report.add_argument("run")
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except NormlabError as error:
+        print(f"normlab: error: {error}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("normlab: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,21 @@
+"""The errors normlab raises for bad user input; the CLI prints their message as one line and exits non-zero."""
+
+
+class NormlabError(Exception):
+    """Base of every error caused by user input (a file, flag, config, checkpoint or shape)."""
+
+
+class DataError(NormlabError, ValueError):
+    """A words file, vocabulary or split that cannot be used."""
+
+
+class ConfigError(NormlabError, ValueError):
+    """An unknown preset, an unknown or ill-typed config key, or an inconsistent configuration."""
+
+
+class CheckpointError(NormlabError):
+    """A run directory that is missing, incomplete, corrupted or does not match its config."""
+
+
+class TrainingDiverged(NormlabError):
+    """The loss became NaN or Inf; the message names the step and the likely cause."""

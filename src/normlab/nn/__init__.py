@@ -1,0 +1,40 @@
+"""normlab.nn: the lesson's layers with their math written out, drop-in twins of torch.nn's.
+
+Every layer is a `torch.nn.Module` with torch 2.13's constructor signature, parameter and buffer names, repr
+and state-dict format, so `normlab.nn.X(*args, **kwargs)` can replace `torch.nn.X(*args, **kwargs)` and state
+dicts load both ways. normlab's own options are keyword-only. `init` holds the initialisers, `functional` the
+batch norm with a hand-derived backward. `Module` is torch's, re-exported for models built on these layers.
+"""
+
+from torch.nn import Module
+
+from normlab.nn import functional, init
+from normlab.nn.layers import (
+    LINEAR_INITS,
+    Embedding,
+    Flatten,
+    FlattenConsecutive,
+    Linear,
+    ReLU,
+    Sequential,
+    Tanh,
+)
+from normlab.nn.norm import BatchNorm1d, GroupNorm, LayerNorm, RMSNorm
+
+__all__ = [
+    "LINEAR_INITS",
+    "BatchNorm1d",
+    "Embedding",
+    "Flatten",
+    "FlattenConsecutive",
+    "GroupNorm",
+    "LayerNorm",
+    "Linear",
+    "Module",
+    "RMSNorm",
+    "ReLU",
+    "Sequential",
+    "Tanh",
+    "functional",
+    "init",
+]

@@ -1,0 +1,172 @@
+"""What the commands do, as functions on run directories: train, resume, evaluate, calibrate, sample.
+
+The CLI parses arguments, calls one of these and prints what it returns; everything here works from Python.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from normlab.checkpoint import RunDir
+from normlab.config import RunConfig
+from normlab.data import Splits, Vocab, bundled_path, build_dataset, file_sha256, load_words, make_splits
+from normlab.errors import CheckpointError, DataError
+from normlab.model import build_model
+from normlab.sample import Diversity, Samples, diversity, sample_words
+from normlab.train import TrainEvents, calibrate_batchnorm, evaluate, make_optimizer, train
+
+
+def load_data(config: RunConfig, vocab: Vocab | None = None) -> tuple[Vocab, Splits]:
+    """Read the run's words and split them; with `vocab`, every character must be in it."""
+    path = config.data.path
+    words = load_words(path)
+    if vocab is None:
+        vocab = Vocab.from_words(words)
+    else:
+        vocab.check_words(words, source=str(path or bundled_path()))
+    return vocab, make_splits(words, vocab, config.model.block_size, config.data.split_seed)
+
+
+@dataclass
+class TrainOutcome:
+    """What a finished training run reports."""
+
+    run: RunDir
+    final: dict[str, float]
+    calibration: dict[str, float] | None = None
+    report: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def start_training(config: RunConfig, out: str | Path, *, diagnose: bool = False, every: int = 100,
+                   calibrate: bool = False, progress: bool = True) -> TrainOutcome:
+    """Create the run directory `out` for `config`, train, and write the final losses (and report)."""
+    config.validate()
+    if config.data.path is not None:
+        config.data.path = str(Path(config.data.path).resolve())
+    vocab, splits = load_data(config)
+    config.data.sha256 = file_sha256(config.data.path or bundled_path())
+    run = RunDir.create(out, config, vocab)
+    model = build_model(config.model, len(vocab), seed=config.train.seed)
+    return _train_and_finish(run, model, splits, start_step=0, optimizer_state=False, diagnose=diagnose,
+                             every=every, calibrate=calibrate, progress=progress)
+
+
+def resume_training(out: str | Path, *, diagnose: bool = False, every: int = 100, calibrate: bool = False,
+                    progress: bool = True) -> TrainOutcome:
+    """Continue the run in `out` from its last checkpoint to the configured number of steps."""
+    run = RunDir.open(out)
+    _check_same_data(run)
+    vocab, splits = load_data(run.config, run.vocab)
+    model, step = run.load_model(run.config.train.device)
+    if step >= run.config.train.steps:
+        raise CheckpointError(f"{run.path} already finished its {run.config.train.steps} steps; nothing to resume")
+    run.keep_metrics_until(step)
+    return _train_and_finish(run, model, splits, start_step=step, optimizer_state=True, diagnose=diagnose,
+                             every=every, calibrate=calibrate, progress=progress)
+
+
+def _check_same_data(run: RunDir) -> None:
+    data = run.config.data
+    path = Path(data.path) if data.path else bundled_path()
+    if not path.is_file():
+        raise DataError(f"the run's words file {path} no longer exists: restore it to resume {run.path}")
+    if data.sha256 and file_sha256(path) != data.sha256:
+        raise DataError(f"the words file {path} changed since {run.path} was created (sha256 differs): restore "
+                        "the original file to resume this run, or start a new run")
+
+
+def _train_and_finish(run: RunDir, model: torch.nn.Module, splits: Splits, *, start_step: int,
+                      optimizer_state: bool, diagnose: bool, every: int, calibrate: bool,
+                      progress: bool) -> TrainOutcome:
+    config = run.config
+    optimizer = make_optimizer(model.to(config.train.device), config.train)
+    if optimizer_state:
+        run.load_optimizer(optimizer, start_step)
+    monitor = _monitor(model, optimizer, every) if diagnose else None
+
+    def checkpoint(step: int) -> None:
+        run.save_checkpoint(model, optimizer, step)
+        if monitor is not None:
+            monitor.save(run.path)
+
+    events = TrainEvents(log=run.append_metrics, checkpoint=checkpoint,
+                         begin_step=monitor.begin_step if monitor else None,
+                         end_step=monitor.end_step if monitor else None)
+    try:
+        train(model, splits.train, splits.val, config.train, optimizer=optimizer, start_step=start_step,
+              events=events, progress=progress)
+    finally:
+        if monitor is not None:
+            monitor.close()
+    outcome = TrainOutcome(run, final={})
+    if calibrate:
+        outcome.calibration = _calibrate(run, model, splits)
+    outcome.final = {split: evaluate(model, *splits.get(split)) for split in ("train", "val", "test")}
+    run.append_metrics({"event": "final", "step": config.train.steps, **outcome.final})
+    if diagnose:
+        outcome.report = write_report(run.path)
+    return outcome
+
+
+def _monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, every: int) -> Any:
+    from normlab.diagnostics import Monitor
+
+    return Monitor(model, optimizer, every=every)
+
+
+def write_report(run_path: str | Path) -> Path:
+    """Rebuild `report.html` of a run from its stored diagnostics and metrics."""
+    from normlab.diagnostics import write_report as write
+
+    return write(Path(run_path))
+
+
+def _calibrate(run: RunDir, model: torch.nn.Module, splits: Splits) -> dict[str, float]:
+    before = evaluate(model, *splits.val)
+    layers = calibrate_batchnorm(model, splits.train[0])
+    after = evaluate(model, *splits.val)
+    run.save_model(model, run.model_step(), calibrated="true")
+    result = {"layers": layers, "val_before": before, "val_after": after}
+    run.append_metrics({"event": "calibrate", **result})
+    return result
+
+
+def calibrate_run(run_path: str | Path) -> dict[str, float]:
+    """Recompute the population statistics of every BatchNorm of a run; val loss before and after."""
+    run = RunDir.open(run_path)
+    _, splits = load_data(run.config, run.vocab)
+    model, _ = run.load_model()
+    if not any("BatchNorm" in type(module).__name__ for module in model.modules()):
+        raise CheckpointError(f"{run.path} has no BatchNorm layer to calibrate (model.norm={run.config.model.norm})")
+    return _calibrate(run, model, splits)
+
+
+def evaluate_run(run_path: str | Path, split: str = "val", data: str | Path | None = None) -> tuple[float, int]:
+    """Loss of a run on one of its splits, or on every word of another file; returns (loss, examples)."""
+    run = RunDir.open(run_path)
+    model, _ = run.load_model()
+    if data is not None:
+        words = load_words(data)
+        run.vocab.check_words(words, source=str(data))
+        x, y = build_dataset(words, run.vocab, run.config.model.block_size)
+    else:
+        _, splits = load_data(run.config, run.vocab)
+        x, y = splits.get(split)
+    if len(x) == 0:
+        raise DataError(f"the {split} split of {run.path} is empty: the word list is too short to split 80/10/10")
+    return evaluate(model, x, y), len(x)
+
+
+def sample_run(run_path: str | Path, n: int = 20, *, temperature: float = 1.0, top_k: int | None = None,
+               seed: int = 0) -> tuple[Samples, Diversity]:
+    """Sample `n` words from a run and measure their diversity against its training words."""
+    run = RunDir.open(run_path)
+    model, _ = run.load_model()
+    _, splits = load_data(run.config, run.vocab)
+    samples = sample_words(model, run.vocab, n, temperature=temperature, top_k=top_k, seed=seed)
+    return samples, diversity(samples, splits.train_words)

@@ -1,0 +1,111 @@
+"""The presets against the lesson: parameter counts it printed, its forward pass written out, its initial losses."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab.errors import ConfigError
+from normlab.model import PRESETS, ModelConfig, build_model, get_preset
+
+VOCAB = 27
+
+
+@pytest.mark.parametrize("preset, parameters", [
+    ("lesson-original", 11_897),  # C 270 + W1 6000 + b1 200 + W2 5400 + b2 27
+    ("lesson-batchnorm", 12_097),  # no b1; BatchNorm gain and bias 400
+    ("lesson-deep", 47_024),  # the six-layer net the lesson printed
+    ("wavenet", 76_579),  # the lesson's hierarchical model
+])
+def test_parameter_counts_match_the_lesson(preset, parameters):
+    model = build_model(get_preset(preset).model, VOCAB)
+    assert sum(p.numel() for p in model.parameters()) == parameters
+
+
+def test_batchnorm_preset_computes_the_lessons_forward_written_out():
+    model = build_model(get_preset("lesson-batchnorm").model, VOCAB, seed=3)
+    embedding, _, linear, norm, _, output = model.layers
+    x = torch.randint(0, VOCAB, (64, 3), generator=torch.Generator().manual_seed(0))
+    # The lesson's code, with torch's biased variance and eps instead of its unbiased std.
+    emb = embedding.weight[x]  # (64, 3, 10)
+    hpreact = emb.view(64, -1) @ linear.weight.T  # (64, 200)
+    mean, var = hpreact.mean(0, keepdim=True), hpreact.var(0, keepdim=True, unbiased=False)
+    hpreact = norm.weight * (hpreact - mean) / torch.sqrt(var + 1e-5) + norm.bias
+    logits = torch.tanh(hpreact) @ output.weight.T + output.bias
+    torch.testing.assert_close(model(x), logits)
+
+
+def test_wavenet_groups_pairs_of_positions():
+    model = build_model(get_preset("wavenet").model, VOCAB)
+    x = torch.randint(0, VOCAB, (5, 8))
+    shapes = []
+    hooks = [layer.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape))) for layer in model.layers]
+    assert model(x).shape == (5, VOCAB)
+    for hook in hooks:
+        hook.remove()
+    assert shapes[:2] == [(5, 8, 24), (5, 4, 48)]  # embedding, then the first FlattenConsecutive(2)
+    assert (5, 2, 256) in shapes and (5, 256) in shapes
+
+
+def test_scaled_output_layer_starts_near_the_uniform_loss_and_naive_does_not():
+    x = torch.randint(0, VOCAB, (2000, 3), generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(2))
+    uniform = -math.log(1 / VOCAB)  # 3.2958
+    fixed = F.cross_entropy(build_model(get_preset("lesson-softmax-fix").model, VOCAB)(x), y).item()
+    naive = F.cross_entropy(build_model(get_preset("lesson-original").model, VOCAB)(x), y).item()
+    assert abs(fixed - uniform) < 0.05
+    assert naive > 5 * uniform  # the lesson's "confidently wrong" start (about 27)
+
+
+def test_kaiming_init_gives_hidden_weights_the_tanh_gain_over_root_fan_in():
+    model = build_model(get_preset("lesson-kaiming").model, VOCAB, seed=0)
+    weight = model.layers[2].weight  # (200, 30)
+    assert abs(weight.std().item() - (5 / 3) / math.sqrt(30)) < 0.01
+
+
+def test_same_seed_same_model_and_different_seed_different_model():
+    config = get_preset("lesson-kaiming").model
+    a, b, c = build_model(config, VOCAB, seed=1), build_model(config, VOCAB, seed=1), build_model(config, VOCAB, 2)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb), name
+        if pa.any():  # zero-initialised biases are equal whatever the seed
+            assert not torch.equal(pa, pc), name
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "group", "rms"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+def test_every_norm_and_activation_builds_and_backpropagates(norm, activation):
+    config = ModelConfig(norm=norm, activation=activation, n_layers=3, residual=True, init="kaiming",
+                         n_hidden=16, n_embd=4)
+    model = build_model(config, VOCAB)
+    loss = F.cross_entropy(model(torch.randint(0, VOCAB, (8, 3))), torch.randint(0, VOCAB, (8,)))
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_residual_block_adds_its_input():
+    model = build_model(ModelConfig(n_layers=2, residual=True, n_hidden=8, n_embd=2), VOCAB)
+    residual = model.layers[4]  # embedding, flatten, linear, tanh, then the residual block
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(residual(x), x + residual.block(x))
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(norm="batchy"), "model.norm='batchy' is not one of"),
+    (dict(architecture="wavenet", block_size=6, n_layers=3), "block_size must be 2\\*\\*n_layers=8"),
+    (dict(norm="group", n_hidden=10, norm_groups=4), "divisible by norm_groups"),
+    (dict(residual=True, architecture="wavenet", block_size=2), "residual"),
+    (dict(n_hidden=0), "n_hidden must be at least 1"),
+])
+def test_inconsistent_configs_are_rejected_with_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        build_model(ModelConfig(**changes), VOCAB)
+
+
+def test_unknown_preset_lists_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown preset 'nope'.*lesson-batchnorm"):
+        get_preset("nope")
+    assert "lesson-original" in PRESETS and "wavenet" in PRESETS
