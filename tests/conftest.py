@@ -6,12 +6,15 @@ from pathlib import Path
 
 import pytest
 
-TINY_WORDS = """emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail emily elizabeth mila ella
-avery sofia camila aria scarlett victoria madison luna grace chloe penelope layla riley zoey nora lily eleanor
-hannah lillian addison aubrey ellie stella natalie zoe leah hazel violet aurora savannah audrey brooklyn bella
-claire skylar liam noah william james oliver benjamin elijah lucas mason logan alexander ethan jacob michael
-daniel henry jackson sebastian aiden matthew samuel david joseph carter owen wyatt john jack luke jayden dylan
-grayson levi isaac gabriel julian mateo anthony jaxon lincoln joshua christopher andrew theodore caleb ryan""".split()
+TINY_WORDS = """
+emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail emily elizabeth mila ella avery
+sofia camila aria scarlett victoria madison luna grace chloe penelope layla riley zoey nora lily eleanor
+hannah lillian addison aubrey ellie stella natalie zoe leah hazel violet aurora savannah audrey brooklyn
+bella claire skylar liam noah william james oliver benjamin elijah lucas mason logan alexander ethan jacob
+michael daniel henry jackson sebastian aiden matthew samuel david joseph carter owen wyatt john jack luke
+jayden dylan grayson levi isaac gabriel julian mateo anthony jaxon lincoln joshua christopher andrew
+theodore caleb ryan
+""".split()
 
 TINY_SETTINGS = ["n_hidden=16", "n_embd=4", "steps=120", "batch_size=8", "eval_every=40", "checkpoint_every=40",
                  "eval_examples=200"]

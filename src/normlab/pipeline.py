@@ -13,7 +13,7 @@ import torch
 
 from normlab.checkpoint import RunDir
 from normlab.config import RunConfig
-from normlab.data import Splits, Vocab, bundled_path, build_dataset, file_sha256, load_words, make_splits
+from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits
 from normlab.errors import CheckpointError, DataError
 from normlab.model import build_model
 from normlab.sample import Diversity, Samples, diversity, sample_words

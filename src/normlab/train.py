@@ -185,7 +185,7 @@ class _InterruptFlag:
             raise KeyboardInterrupt
         self.raised = True
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
 

@@ -1,0 +1,1 @@
+"""Diagnostics for any PyTorch model (placeholder while building)."""

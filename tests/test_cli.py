@@ -1,0 +1,187 @@
+"""End to end through the command line on a tiny word list: train, resume, sample, eval, calibrate, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_SETTINGS
+from safetensors.torch import load_file
+
+from normlab.checkpoint import RunDir
+from normlab.cli import main
+
+
+def _train(out: Path, words_file: Path, *extra: str) -> int:
+    args = ["train", "--preset", "lesson-batchnorm", "--data", str(words_file), "--out", str(out), "--quiet"]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    return main(args + list(extra))
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def _assert_same_tensors(path: Path, other: Path) -> None:
+    a, b = load_file(path), load_file(other)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), (path.name, key)
+
+
+@pytest.fixture
+def trained_run(tmp_path, words_file):
+    out = tmp_path / "run"
+    assert _train(out, words_file) == 0
+    return out
+
+
+def test_train_writes_a_complete_run_directory(trained_run, capsys):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"config.json", "vocab.json", "model.safetensors", "optimizer.safetensors", "metrics.jsonl"} <= names
+    rows = RunDir.open(trained_run).read_metrics()
+    assert [row["step"] for row in rows if "val_loss" in row] == [40, 80, 120]
+    assert rows[-1]["event"] == "final" and rows[-1]["val"] > 0
+    assert json.loads((trained_run / "vocab.json").read_text())["itos"][0] == "."
+
+
+def test_the_same_command_gives_the_same_numbers(tmp_path, words_file, trained_run):
+    again = tmp_path / "again"
+    assert _train(again, words_file) == 0
+    _assert_same_tensors(again / "model.safetensors", trained_run / "model.safetensors")
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--set", "optimizer=adamw", "--set", "lr=0.01"],
+                                       ["--set", "momentum=0.9", "--set", "schedule=cosine"]])
+def test_resume_after_ctrl_c_ends_with_the_uninterrupted_parameters(tmp_path, words_file, monkeypatch, capsys,
+                                                                     optimizer):
+    uninterrupted = tmp_path / "uninterrupted"
+    assert _train(uninterrupted, words_file, *optimizer) == 0
+    out = tmp_path / "interrupted"
+    original = RunDir.save_checkpoint
+
+    def save_then_press_ctrl_c(self, model, optimizer, step):
+        original(self, model, optimizer, step)
+        if step == 40:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", save_then_press_ctrl_c)
+    assert _train(out, words_file, *optimizer) == 130
+    assert "checkpoint saved at step 40" in capsys.readouterr().err  # Ctrl-C came during the save of step 40
+    assert RunDir.open(out).model_step() == 40
+    monkeypatch.setattr(RunDir, "save_checkpoint", original)
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
+    for name in ("model.safetensors", "optimizer.safetensors"):
+        _assert_same_tensors(out / name, uninterrupted / name)
+    steps = [row["step"] for row in RunDir.open(out).read_metrics() if "val_loss" in row]
+    assert steps == [40, 80, 120]
+
+
+def test_sample_prints_names_and_their_diversity(trained_run, capsys):
+    assert main(["sample", str(trained_run), "-n", "7", "--temperature", "0.8", "--top-k", "10", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    words = out.split("\n\n")[0].splitlines()
+    assert len(words) == 7 and all(w.isalpha() or w == "" for w in words)
+    assert "mean entropy per character" in out and "not in training data" in out
+    assert main(["sample", str(trained_run), "-n", "7", "--temperature", "0.8", "--top-k", "10", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == out
+
+
+def test_eval_and_calibrate_report_losses(trained_run, capsys):
+    assert main(["eval", str(trained_run), "--split", "test"]) == 0
+    assert "test split: loss" in capsys.readouterr().out
+    assert main(["calibrate", str(trained_run)]) == 0
+    assert "->" in capsys.readouterr().out
+    assert RunDir.open(trained_run).read_metrics()[-1]["event"] == "calibrate"
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "is empty"),
+    ("   \n\n", "no usable lines"),
+])
+def test_bad_words_files_are_refused_before_anything_is_written(tmp_path, capsys, content, message):
+    data = tmp_path / "bad.txt"
+    data.write_text(content)
+    assert _train(tmp_path / "run", data) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_characters_outside_the_vocabulary_are_listed(trained_run, tmp_path, capsys):
+    other = tmp_path / "other.txt"
+    other.write_text("anna\nzoë\nbob\nchloé\n", encoding="utf-8")
+    assert main(["eval", str(trained_run), "--data", str(other)]) == 2
+    assert "'é' (word 4); 'ë' (word 2)" in _error(capsys)
+
+
+def test_an_existing_run_is_never_overwritten(trained_run, words_file, capsys):
+    before = _digest(trained_run)
+    assert _train(trained_run, words_file) == 2
+    assert "already exists" in _error(capsys)
+    assert _digest(trained_run) == before
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "model.safetensors").write_bytes(b"\x00garbage"), "corrupted"),
+    (lambda run: (run / "model.safetensors").unlink(), "is missing"),
+    (lambda run: (run / "config.json").write_text(
+        (run / "config.json").read_text().replace('"n_hidden": 16', '"n_hidden": 17')), "does not match"),
+    (lambda run: (run / "config.json").write_text("{not json"), "not valid JSON"),
+    (lambda run: (run / "vocab.json").unlink(), "vocab.json is missing"),
+])
+def test_damaged_run_directories_give_one_clear_error(trained_run, capsys, damage, message):
+    damage(trained_run)
+    assert main(["sample", str(trained_run)]) == 2
+    assert message in _error(capsys)
+
+
+def test_resume_refuses_a_changed_words_file(tmp_path, words_file, capsys, monkeypatch):
+    out = tmp_path / "run"
+    assert _train(out, words_file, "--set", "steps=40") == 0
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["steps"] = 80
+    (out / "config.json").write_text(json.dumps(config))
+    words_file.write_text(words_file.read_text() + "newname\n")
+    assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 2
+    assert "changed since" in _error(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "--preset", "nope", "--out", "x"], "unknown preset 'nope'"),
+    (["train", "--set", "n_hiddn=3", "--out", "x"], "unknown key 'n_hiddn'"),
+    (["train", "--set", "n_hidden=wide", "--out", "x"], "expected int"),
+    (["train", "--set", "lr", "--out", "x"], "expected key=value"),
+    (["sample", "no/such/run"], "does not exist"),
+    (["eval", "no/such/run"], "does not exist"),
+])
+def test_bad_flags_give_one_clear_error(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    assert message in _error(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_temperature_must_be_positive(trained_run, capsys):
+    assert main(["sample", str(trained_run), "--temperature", "0"]) == 2
+    assert "temperature must be greater than 0" in _error(capsys)
+
+
+def test_the_console_script_prints_no_traceback_for_user_errors(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "normlab.cli", "train", "--preset", "nope", "--out",
+                             str(tmp_path / "x")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
