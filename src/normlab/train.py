@@ -86,8 +86,8 @@ def learning_rate(config: TrainConfig, step: int) -> float:
 
 
 def batch_block_length(batch_size: int) -> int:
-    """Steps per block of pre-drawn batch indices (about a million indices a block)."""
-    return max(1, 2**20 // batch_size)
+    """Steps per block of pre-drawn batch indices (65,536 indices a block)."""
+    return max(1, 2**16 // batch_size)
 
 
 def batch_block(seed: int, block: int, num_examples: int, batch_size: int) -> torch.Tensor:

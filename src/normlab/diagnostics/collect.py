@@ -1,13 +1,13 @@
 """Turn the tensors captured during one recording step into diagnostics, with one device-to-host copy.
 
-Every captured tensor is flattened into one vector; the statistics of all of them are computed together
-(see :mod:`normlab.diagnostics.stats`), packed into one tensor, and copied to the host once.
+The captured tensors are flattened into a few long vectors (at most :data:`CHUNK_ELEMENTS` each, which bounds
+the extra memory of a recording step), the statistics of all of them are computed together (see
+:mod:`normlab.diagnostics.stats`), packed into one tensor, and copied to the host once.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,13 +18,15 @@ from normlab.diagnostics.stats import (
     Segments,
     dead_fraction,
     make_segments,
+    moments_from_sums,
     saturated_fraction,
     segment_histograms,
-    segment_moments,
-    segment_nonfinite,
-    segment_norms,
+    segment_sums,
 )
-from normlab.diagnostics.storage import Diagnostics, Histogram, ModuleInfo
+from normlab.diagnostics.storage import Diagnostics, Histogram
+
+CHUNK_ELEMENTS = 1 << 22
+UPDATE = "update"
 
 
 @dataclass
@@ -32,8 +34,8 @@ class Capture:
     """Tensors captured during one recording step, still on their device.
 
     ``parameter_values`` and ``updates`` are the recorded parameters flattened and concatenated (in the
-    monitor's parameter order, lengths ``parameter_numels``); ``parameter_grads`` concatenates the gradients of
-    the parameters named in ``grad_names`` (those that had a gradient).
+    monitor's parameter order); ``parameter_grads`` concatenates the gradients of the parameters named in
+    ``grad_names`` (those that had a gradient), of sizes ``grad_numels``.
     """
 
     activations: list[tuple[str, torch.Tensor]] = field(default_factory=list)
@@ -45,6 +47,15 @@ class Capture:
     updates: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     learning_rate: float | torch.Tensor | None = None
+
+
+@dataclass
+class _Piece:
+    """One flat tensor made of one or more segments, each labelled ``(layer, kind)``."""
+
+    tensor: torch.Tensor
+    labels: list[tuple[str, str]]
+    numels: list[int]
 
 
 class _Packer:
@@ -69,6 +80,27 @@ class _Packer:
         return {key: host[where] for key, where in self.slices.items()}
 
 
+def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
+    groups: list[list[_Piece]] = []
+    size = CHUNK_ELEMENTS
+    for piece in pieces:
+        if size + piece.tensor.numel() > CHUNK_ELEMENTS:
+            groups.append([])
+            size = 0
+        groups[-1].append(piece)
+        size += piece.tensor.numel()
+    return groups
+
+
+def _segments(numels: list[int], device: torch.device, cache: dict) -> Segments:
+    key = (tuple(numels), device)
+    if key not in cache:
+        if len(cache) >= 8:
+            cache.clear()
+        cache[key] = make_segments(numels, device)
+    return cache[key]
+
+
 def _ratio(numerator: float, denominator: float) -> float:
     if denominator != 0:
         return numerator / denominator
@@ -84,100 +116,102 @@ def summarise(
     parameter_numels: list[int],
     bins: int,
     saturation_threshold: float,
+    cache: dict | None = None,
 ) -> None:
-    """Compute every statistic of ``capture`` and add them to ``diagnostics`` at ``step``."""
-    pieces: list[torch.Tensor] = []
+    """Compute every statistic of ``capture`` and add them to ``diagnostics`` at ``step``.
+
+    ``cache`` (a dict kept between calls) lets repeated steps reuse their segment layouts.
+    """
+    cache = {} if cache is None else cache
+    pieces = [_Piece(t.reshape(-1), [(key, m.HIST_ACT)], [t.numel()]) for key, t in capture.activations]
+    pieces += [
+        _Piece(t.reshape(-1), [(key, m.HIST_GRAD)], [t.numel()]) for key, t in capture.activation_grads
+    ]
+    if capture.parameter_values is not None:
+        names = [(name, m.HIST_PARAM) for name in parameter_names]
+        pieces.append(_Piece(capture.parameter_values, names, parameter_numels))
+    if capture.parameter_grads is not None:
+        names = [(name, m.HIST_PARAM_GRAD) for name in capture.grad_names]
+        pieces.append(_Piece(capture.parameter_grads, names, capture.grad_numels))
+    if capture.updates is not None:
+        names = [(name, UPDATE) for name in parameter_names]
+        pieces.append(_Piece(capture.updates, names, parameter_numels))
+
+    device = pieces[0].tensor.device if pieces else torch.device("cpu")
+    packer = _Packer(device, torch.float32 if device.type == "mps" else torch.float64)
     labels: list[tuple[str, str]] = []
     lengths: list[int] = []
-
-    def add(tensor: torch.Tensor, names: list[str], numels: list[int], kind: str) -> None:
-        pieces.append(tensor.reshape(-1))
-        labels.extend((name, kind) for name in names)
-        lengths.extend(numels)
-
+    for number, group in enumerate(_groups(pieces)):
+        values = torch.cat([piece.tensor.to(device=device, dtype=torch.float32) for piece in group])
+        group_lengths = [n for piece in group for n in piece.numels]
+        segments = _segments(group_lengths, device, cache)
+        packer.add(f"sums{number}", segment_sums(values, segments).T)
+        group_labels = [label for piece in group for label in piece.labels]
+        with_histogram = sum(kind != UPDATE for _, kind in group_labels)  # updates come last
+        if with_histogram:
+            prefix = segments.prefix(with_histogram)
+            counts, ranges = segment_histograms(values[: prefix.ids.numel()], prefix, bins)
+            packer.add(f"histogram{number}", torch.cat([ranges, counts.to(ranges.dtype)], dim=1))
+        labels += group_labels
+        lengths += group_lengths
+    extra: list[tuple[str, str]] = []
     for key, tensor in capture.activations:
-        add(tensor, [key], [tensor.numel()], m.HIST_ACT)
-    for key, tensor in capture.activation_grads:
-        add(tensor, [key], [tensor.numel()], m.HIST_GRAD)
-    if capture.parameter_values is not None:
-        add(capture.parameter_values, parameter_names, parameter_numels, m.HIST_PARAM)
-    if capture.parameter_grads is not None:
-        add(capture.parameter_grads, capture.grad_names, capture.grad_numels, m.HIST_PARAM_GRAD)
-    histogram_segments = len(labels)
-    if capture.updates is not None:
-        add(capture.updates, parameter_names, parameter_numels, "update")
-
-    device = pieces[0].device if pieces else torch.device("cpu")
-    wide = torch.float32 if device.type == "mps" else torch.float64
-    packer = _Packer(device, wide)
-    if pieces:
-        values = torch.cat([piece.to(device=device, dtype=torch.float32) for piece in pieces])
-        segments = make_segments(lengths, device)
-        packer.add("moments", segment_moments(values, segments))
-        packer.add("nonfinite", segment_nonfinite(values, segments))
-        packer.add("norms", segment_norms(values, segments))
-        histogram_size = sum(lengths[:histogram_segments])
-        prefix = Segments(tuple(lengths[:histogram_segments]), segments.ids[:histogram_size])
-        counts, ranges = segment_histograms(values[:histogram_size], prefix, bins)
-        packer.add("counts", counts)
-        packer.add("ranges", ranges)
-    for key, tensor in capture.activations:
-        info: ModuleInfo = diagnostics.modules[key]
+        info = diagnostics.modules[key]
         if info.bound is not None:
-            packer.add(f"{key}\0{m.ACT_SATURATED}", saturated_fraction(tensor, saturation_threshold, info.bound))
+            extra.append((key, m.ACT_SATURATED))
+            packer.add(str(len(extra)), saturated_fraction(tensor, saturation_threshold, info.bound))
         if info.relu_like and tensor.dim() > 0:
-            packer.add(f"{key}\0{m.ACT_DEAD}", dead_fraction(tensor))
-    if capture.loss is not None:
-        packer.add(f"\0{m.LOSS}", capture.loss)
-    if isinstance(capture.learning_rate, torch.Tensor):
-        packer.add(f"\0{m.LEARNING_RATE}", capture.learning_rate)
+            extra.append((key, m.ACT_DEAD))
+            packer.add(str(len(extra)), dead_fraction(tensor))
+    for name, value in ((m.LOSS, capture.loss), (m.LEARNING_RATE, capture.learning_rate)):
+        if isinstance(value, torch.Tensor):
+            extra.append((m.GLOBAL, name))
+            packer.add(str(len(extra)), value)
+        elif value is not None:
+            diagnostics.add_scalar(step, m.GLOBAL, name, float(value))
     host = packer.fetch()
 
-    if isinstance(capture.learning_rate, (int, float)):
-        diagnostics.add_scalar(step, m.GLOBAL, m.LEARNING_RATE, capture.learning_rate)
-    for key in packer.slices:
-        if "\0" in key:
-            layer, metric = key.split("\0")
-            diagnostics.add_scalar(step, layer, metric, host[key][0])
-    if pieces:
-        _add_segment_statistics(diagnostics, step, labels, host, bins, histogram_segments)
+    for number, (layer, metric) in enumerate(extra, start=1):
+        diagnostics.add_scalar(step, layer, metric, float(host[str(number)][0]))
+    if labels:
+        sums = np.concatenate([host[key].reshape(-1, 2) for key in host if key.startswith("sums")])
+        rows = [host[key].reshape(-1, bins + 2) for key in host if key.startswith("histogram")]
+        histograms = np.concatenate(rows) if rows else np.zeros((0, bins + 2))
+        _add_statistics(diagnostics, step, labels, moments_from_sums(sums.T, lengths), histograms)
 
 
-def _add_segment_statistics(
+_NAMES = {
+    m.HIST_ACT: (m.ACT_MEAN, m.ACT_STD, m.ACT_NONFINITE),
+    m.HIST_GRAD: (m.GRAD_MEAN, m.GRAD_STD, m.GRAD_NONFINITE),
+    m.HIST_PARAM: (m.PARAM_MEAN, m.PARAM_STD, m.PARAM_NONFINITE),
+    m.HIST_PARAM_GRAD: (m.PARAM_GRAD_MEAN, m.PARAM_GRAD_STD, m.PARAM_GRAD_NONFINITE),
+}
+
+
+def _add_statistics(
     diagnostics: Diagnostics,
     step: int,
     labels: list[tuple[str, str]],
-    host: Mapping[str, np.ndarray],
-    bins: int,
-    histogram_segments: int,
+    summaries: np.ndarray,
+    histograms: np.ndarray,
 ) -> None:
-    moments = host["moments"].reshape(-1, 2)
-    counts = host["counts"].reshape(-1, bins)
-    ranges = host["ranges"].reshape(-1, 2)
-    names = {
-        m.HIST_ACT: (m.ACT_MEAN, m.ACT_STD, m.ACT_NONFINITE),
-        m.HIST_GRAD: (m.GRAD_MEAN, m.GRAD_STD, m.GRAD_NONFINITE),
-        m.HIST_PARAM: (m.PARAM_MEAN, m.PARAM_STD, m.PARAM_NONFINITE),
-        m.HIST_PARAM_GRAD: (m.PARAM_GRAD_MEAN, m.PARAM_GRAD_STD, m.PARAM_GRAD_NONFINITE),
-    }
     parameter_std: dict[str, float] = {}
     squared_grad_norm = None
     for index, (layer, kind) in enumerate(labels):
-        mean, std = float(moments[index, 0]), float(moments[index, 1])
-        if kind == "update":
+        mean, std, norm, nonfinite = (float(value) for value in summaries[index])
+        if kind == UPDATE:
             diagnostics.add_scalar(step, layer, m.UPDATE_TO_DATA, _ratio(std, parameter_std[layer]))
             continue
-        mean_name, std_name, nonfinite_name = names[kind]
+        mean_name, std_name, nonfinite_name = _NAMES[kind]
         diagnostics.add_scalar(step, layer, mean_name, mean)
         diagnostics.add_scalar(step, layer, std_name, std)
-        diagnostics.add_scalar(step, layer, nonfinite_name, float(host["nonfinite"][index]))
-        if index < histogram_segments:
-            lo, hi = float(ranges[index, 0]), float(ranges[index, 1])
-            diagnostics.add_histogram(step, layer, kind, Histogram(counts[index].round().astype(np.int64), lo, hi))
+        diagnostics.add_scalar(step, layer, nonfinite_name, nonfinite)
+        row = histograms[index]
+        counts = row[2:].round().astype(np.int64)
+        diagnostics.add_histogram(step, layer, kind, Histogram(counts, float(row[0]), float(row[1])))
         if kind == m.HIST_PARAM:
             parameter_std[layer] = std
         elif kind == m.HIST_PARAM_GRAD:
-            norm = float(host["norms"][index])
             diagnostics.add_scalar(step, layer, m.PARAM_GRAD_NORM, norm)
             squared_grad_norm = (squared_grad_norm or 0.0) + norm * norm
             if layer in parameter_std:

@@ -27,7 +27,20 @@ DEFAULT_FAMILIES = frozenset({ACTIVATION, LINEAR, EMBEDDING, NORM})
 TANH_LIKE = frozenset({"Tanh", "Hardtanh", "Softsign"})
 SIGMOID_LIKE = frozenset({"Sigmoid", "Hardsigmoid"})
 RELU_LIKE = frozenset(
-    {"ReLU", "ReLU6", "LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Hardswish"}
+    {
+        "ReLU",
+        "ReLU6",
+        "LeakyReLU",
+        "PReLU",
+        "RReLU",
+        "ELU",
+        "CELU",
+        "SELU",
+        "GELU",
+        "SiLU",
+        "Mish",
+        "Hardswish",
+    }
 )
 OTHER_ACTIVATIONS = frozenset({"Softplus", "LogSigmoid", "Tanhshrink", "Softshrink", "Hardshrink", "Softmax"})
 EMBEDDINGS = frozenset({"Embedding", "EmbeddingBag"})
@@ -116,8 +129,8 @@ def select_modules(
             examples = ", ".join(repr(name) for name, _ in named[1:5])
             kinds = sorted({type(module).__name__ for _, module in named})
             raise ValueError(
-                f"include item {pattern!r} matches no module of {type(model).__name__}; module names look like "
-                f"{examples} and the types present are {kinds}"
+                f"include item {pattern!r} matches no module of {type(model).__name__}; "
+                f"module names look like {examples} and the types present are {kinds}"
             )
     selected = []
     for name, module in named:

@@ -44,11 +44,12 @@ class Monitor:
     """Records activation, gradient and parameter statistics of ``model`` every ``every`` steps.
 
     ``include`` / ``exclude`` select modules by type, class name or name glob (default: every activation,
-    Linear, Embedding and norm layer; see :func:`normlab.diagnostics.layers.select_modules`). For each selected
-    module it records its output (mean, std, histogram, saturated share for tanh/sigmoid-like layers with
-    ``|t| > saturation_threshold``, dead share for ReLU-like ones), the gradient of that output, and its own
-    trainable parameters (values, gradients, grad:data and, with an ``optimizer``, update:data measured around
-    ``optimizer.step()``, so it is right for any optimizer). Histograms have ``bins`` equal-width bins.
+    Linear, Embedding and norm layer; see :func:`normlab.diagnostics.layers.select_modules`). For each
+    selected module it records its output (mean, std, histogram, saturated share for tanh/sigmoid-like
+    layers with ``|t| > saturation_threshold``, dead share for ReLU-like ones), the gradient of that output,
+    and its own trainable parameters (values, gradients, grad:data and, with an ``optimizer``, update:data
+    measured around ``optimizer.step()``, so it is right for any optimizer). Histograms have ``bins``
+    equal-width bins.
 
     A module called several times in one step is recorded once per call, as ``name``, ``name#1``, ...
     Outputs that are not a single tensor are skipped. Without an optimizer, parameters and their gradients are
@@ -76,7 +77,9 @@ class Monitor:
                 f"got {saturation_threshold!r}"
             )
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
+            )
         self.every = every
         self.bins = bins
         self.saturation_threshold = float(saturation_threshold)
@@ -89,8 +92,9 @@ class Monitor:
         for name, module, kind in select_modules(model, include, exclude):
             name = name or ROOT
             self._modules.append((name, module))
-            self.diagnostics.modules[name] = ModuleInfo(name, type(module).__name__, kind.family, kind.bound,
-                                                        kind.relu_like)
+            self.diagnostics.modules[name] = ModuleInfo(
+                name, type(module).__name__, kind.family, kind.bound, kind.relu_like
+            )
             for short, parameter in module.named_parameters(recurse=False):
                 if parameter.requires_grad and id(parameter) not in seen:
                     seen.add(id(parameter))
@@ -110,6 +114,7 @@ class Monitor:
         self._step = 0
         self._calls: dict[str, int] = {}
         self._next_order = 0
+        self._segment_cache: dict = {}
         self._closed = False
 
     @property
@@ -163,6 +168,7 @@ class Monitor:
             parameter_numels=[parameter.numel() for _, parameter in self._parameters],
             bins=self.bins,
             saturation_threshold=self.saturation_threshold,
+            cache=self._segment_cache,
         )
 
     def save(self, run_dir: str | os.PathLike) -> Path:

@@ -1,60 +1,77 @@
 """Statistics of tensors, as pure functions that never leave the device.
 
-Every function here returns tensors on the input's device and never calls ``.item()``, ``.tolist()`` or
-``.cpu()``, so a monitor can compute everything of a training step and copy the results to the host once.
+The ``segment_*`` functions and :func:`saturated_fraction` / :func:`dead_fraction` return tensors on the
+input's device and never read anything back to the host, so a monitor can compute everything of a training
+step and copy the results to the host once; :func:`moments_from_sums` then finishes on the host, in numpy.
 
 Several tensors are summarised together by flattening them into one vector and describing its layout with
 :class:`Segments` (one segment per original tensor): a handful of vectorised operations then replace a loop
 of small ones per tensor, which is what keeps a recording step cheap on small models.
 
 Conventions (shared with the lesson): ``std`` is the unbiased standard deviation (Bessel's correction, as
-``torch.Tensor.std``), except that a single value has std 0 instead of NaN. Histograms have ``bins`` equal-width
-bins over ``[lo, hi]``, the finite minimum and maximum of the tensor; the last bin includes ``hi``, as in
-``numpy.histogram``. NaN and Inf are left out of histograms and counted separately.
+``torch.Tensor.std``), except that a single value has std 0 instead of NaN. Histograms have ``bins``
+equal-width bins over ``[lo, hi]``, the minimum and maximum of the tensor; the last bin includes ``hi``, as in
+``numpy.histogram``. A tensor holding NaN or Inf is flagged, and its histogram left empty.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 TANH = "tanh"
 SIGMOID = "sigmoid"
 
 
+SUMMARY_COLUMNS = ("mean", "std", "norm", "nonfinite")
+
+
 @dataclass(frozen=True)
 class Segments:
     """The layout of several flattened tensors concatenated into one vector.
 
-    ``lengths[i]`` is the number of elements of segment ``i``; ``ids`` (shape ``(N,)``, ``N = sum(lengths)``)
-    holds the segment index of every element.
+    ``lengths[i]`` is the number of elements of segment ``i``. On the device: ``ids`` (shape ``(N,)``,
+    ``N = sum(lengths)``) holds the segment index of every element, ``counts`` the lengths (shape ``(S,)``).
     """
 
     lengths: tuple[int, ...]
     ids: torch.Tensor
+    counts: torch.Tensor
+    _offsets: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def count(self) -> int:
         """Number of segments."""
         return len(self.lengths)
 
+    def prefix(self, count: int) -> Segments:
+        """The layout of the first ``count`` segments only (views, no copy)."""
+        return Segments(self.lengths[:count], self.ids[: sum(self.lengths[:count])], self.counts[:count])
+
+    def bin_offsets(self, stride: int) -> torch.Tensor:
+        """``ids * stride``: where each element's segment starts in a flat (segment, bin) table; cached."""
+        if stride not in self._offsets:
+            self._offsets[stride] = self.ids * stride
+        return self._offsets[stride]
+
 
 def make_segments(lengths: Sequence[int], device: torch.device | str = "cpu") -> Segments:
     """Build the :class:`Segments` of a vector made of pieces of the given ``lengths``, without host sync."""
     lengths = tuple(int(length) for length in lengths)
-    if any(length < 0 for length in lengths):
-        raise ValueError(f"segment lengths must be >= 0, got {lengths}")
+    if not lengths or any(length < 0 for length in lengths):
+        raise ValueError(f"segment lengths must be a non-empty list of ints >= 0, got {lengths}")
     counts = torch.tensor(lengths, dtype=torch.long, device=device)
     indices = torch.arange(len(lengths), device=device)
     # output_size spares repeat_interleave a device-to-host read of counts.sum()
     ids = torch.repeat_interleave(indices, counts, output_size=sum(lengths))
-    return Segments(lengths, ids)
+    return Segments(lengths, ids, counts)
 
 
 def concat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Segments]:
-    """Flatten ``tensors`` into one float32 vector on the first tensor's device, with its :class:`Segments`."""
+    """Flatten ``tensors`` into one float32 vector on the first tensor's device, with its layout."""
     if not tensors:
         raise ValueError("concat needs at least one tensor")
     device = tensors[0].device
@@ -62,77 +79,98 @@ def concat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Segments]:
     return values, make_segments([t.numel() for t in tensors], device)
 
 
-def _accumulator_dtype(device: torch.device) -> torch.dtype:
-    # float64 sums keep the moments of large tensors accurate; Apple's MPS has no float64
+def _wide(device: torch.device) -> torch.dtype:
+    # float64 keeps sums of squares and bin positions exact enough; Apple's MPS has no float64
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _segment_sum(values: torch.Tensor, segments: Segments) -> torch.Tensor:
-    total = torch.zeros(segments.count, dtype=values.dtype, device=values.device)
-    return total.index_add_(0, segments.ids, values)
+def segment_sums(values: torch.Tensor, segments: Segments) -> torch.Tensor:
+    """Sum and sum of squares of each segment, accumulated in float64: shape ``(2, segments.count)``.
 
-
-def segment_moments(values: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Mean and std of each segment: a ``(segments.count, 2)`` tensor of ``(mean, std)``.
-
-    Two passes (mean, then squared deviations from it), accumulated in float64 where the device has it, so a
-    tensor with a large mean and a tiny spread (a norm layer's gain) gets an accurate std. An empty segment
-    gives NaN. A segment holding NaN or Inf gives NaN: the damage stays visible.
+    Turn them into moments on the host with :func:`moments_from_sums`.
     """
-    wide = values.to(_accumulator_dtype(values.device))
-    counts = torch.tensor(segments.lengths, dtype=wide.dtype, device=values.device)
-    mean = _segment_sum(wide, segments) / counts
-    squared_deviation = _segment_sum((wide - mean[segments.ids]).square(), segments)
-    degrees_of_freedom = torch.where(counts > 1, counts - 1, counts)
-    std = (squared_deviation / degrees_of_freedom).sqrt()
-    return torch.stack([mean, std], dim=1)
+    wide = values.to(_wide(values.device))
+    # x then x**2 in one vector, so one segmented reduction gives both; unsafe=True skips a validation that
+    # would read the lengths back to the host
+    both = torch.cat([wide, wide * wide])
+    sums = torch.segment_reduce(both, "sum", lengths=segments.counts.repeat(2), unsafe=True)
+    return sums.view(2, segments.count)
 
 
-def segment_norms(values: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Euclidean (L2) norm of each segment, shape ``(segments.count,)``."""
-    wide = values.to(_accumulator_dtype(values.device))
-    return _segment_sum(wide.square(), segments).sqrt()
+def moments_from_sums(sums: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
+    """Mean, std, L2 norm and non-finite flag per segment from :func:`segment_sums`: shape ``(S, 4)``.
+
+    Columns as in :data:`SUMMARY_COLUMNS`. Computed as ``var = (sum(x**2) - sum(x) * mean) / (n - 1)`` in
+    float64, which is accurate for float32 data unless ``|mean| / std`` exceeds about 1e6. The flag is 1 when
+    the segment held any NaN or Inf (its sums are then not finite), and mean, std and norm are then not
+    finite either: the damage stays visible. An empty segment has NaN mean and std.
+    """
+    total, total_of_squares = np.asarray(sums, dtype=np.float64)
+    count = np.asarray(lengths, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mean = total / count
+        squared_deviation = np.maximum(total_of_squares - total * mean, 0.0)
+        std = np.sqrt(squared_deviation / np.where(count > 1, count - 1, count))
+        std = np.where(np.isfinite(total_of_squares), std, np.nan)
+    nonfinite = ~(np.isfinite(total) & np.isfinite(total_of_squares))
+    return np.stack([mean, std, np.sqrt(total_of_squares), nonfinite.astype(np.float64)], axis=1)
 
 
-def segment_nonfinite(values: torch.Tensor, segments: Segments) -> torch.Tensor:
-    """Number of NaN or Inf elements in each segment, shape ``(segments.count,)`` (float, for packing)."""
-    return _segment_sum((~torch.isfinite(values)).to(torch.float32), segments)
+def segment_histograms(
+    values: torch.Tensor, segments: Segments, bins: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Equal-width histogram of each segment over its own range, without host sync.
 
-
-def segment_histograms(values: torch.Tensor, segments: Segments, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Equal-width histogram of each segment over its own finite range, without host sync.
-
-    Returns ``counts`` of shape ``(segments.count, bins)`` (float32, exact below 2**24 per bin) and ``ranges`` of
-    shape ``(segments.count, 2)`` holding ``(lo, hi)``. Bin ``k`` covers ``[lo + k w, lo + (k+1) w)`` with
-    ``w = (hi - lo) / bins``; the last bin also holds ``hi``. A value on an inner edge may fall into either
-    neighbour within float rounding. A constant segment gets the range ``(c - 0.5, c + 0.5)`` and an empty or
-    all-non-finite one ``(-0.5, 0.5)`` with zero counts, so every range has positive width.
+    Returns ``counts`` of shape ``(segments.count, bins)`` (float32, exact below 2**24 per bin) and
+    ``ranges`` of shape ``(segments.count, 2)`` holding ``(lo, hi)``, the segment's minimum and maximum.
+    Bin ``k`` covers ``[lo + k w, lo + (k+1) w)`` with ``w = (hi - lo) / bins``; the last bin also holds
+    ``hi``. A value on an inner edge may fall into either neighbour within float rounding. A constant
+    segment gets the range ``(c - 0.5, c + 0.5)``. An empty segment, or one holding NaN or Inf, gets
+    ``(-0.5, 0.5)`` and zero counts (its non-finite flag from :func:`moments_from_sums` says why).
     """
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
-    finite = torch.isfinite(values)
-    inf = torch.tensor(float("inf"), dtype=values.dtype, device=values.device)
-    lo = torch.full((segments.count,), float("inf"), dtype=values.dtype, device=values.device)
-    hi = torch.full((segments.count,), float("-inf"), dtype=values.dtype, device=values.device)
-    lo = lo.scatter_reduce(0, segments.ids, torch.where(finite, values, inf), reduce="amin")
-    hi = hi.scatter_reduce(0, segments.ids, torch.where(finite, values, -inf), reduce="amax")
-    empty = lo > hi
-    lo = torch.where(empty, torch.zeros_like(lo), lo)
-    hi = torch.where(empty, torch.zeros_like(hi), hi)
-    pad = torch.where(hi > lo, torch.zeros_like(lo), torch.full_like(lo, 0.5))
-    lo, hi = lo - pad, hi + pad
-    width = (hi - lo)[segments.ids]
-    position = (torch.where(finite, values, lo[segments.ids]) - lo[segments.ids]) / width
-    bucket = (position * bins).floor().clamp(0, bins - 1).long()
-    flat = torch.zeros(segments.count * bins, dtype=torch.float32, device=values.device)
-    flat.index_add_(0, segments.ids * bins + bucket, finite.to(torch.float32))
-    return flat.view(segments.count, bins), torch.stack([lo, hi], dim=1)
+    wide = _wide(values.device)
+    lo = torch.full((segments.count,), float("inf"), device=values.device)
+    hi = torch.full((segments.count,), float("-inf"), device=values.device)
+    lo = lo.scatter_reduce_(0, segments.ids, values, reduce="amin").to(wide)  # NaN propagates
+    hi = hi.scatter_reduce_(0, segments.ids, values, reduce="amax").to(wide)
+    usable = torch.isfinite(lo) & torch.isfinite(hi)
+    pad = (hi == lo).to(wide) * 0.5  # a constant c gets the range (c - 0.5, c + 0.5)
+    lo = torch.where(usable, lo - pad, -0.5)
+    hi = torch.where(usable, hi + pad, 0.5)
+    scale = torch.where(usable, bins / (hi - lo), 0.0)
+    shift = -lo * scale
+    # position in bin units: lo -> 0, hi -> bins (up to rounding). Truncating toward zero sends the rounding
+    # residue below lo to bin 0, position `bins` goes to an extra bin per segment folded into the last one,
+    # and NaN/Inf (present only in unusable segments, whose counts are dropped) to 0 of their own segment.
+    position = torch.addcmul(
+        shift.index_select(0, segments.ids), values.to(wide), scale.index_select(0, segments.ids)
+    )
+    index = position.nan_to_num_(0.0, 0.0, 0.0).long() + segments.bin_offsets(bins + 1)
+    table = _count(index, segments.count * (bins + 1)).view(segments.count, bins + 1)
+    counts = torch.cat([table[:, : bins - 1], table[:, bins - 1 : bins] + table[:, bins:]], dim=1)
+    return counts * usable.unsqueeze(1), torch.stack([lo, hi], dim=1)
 
 
-def moments(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean and std of one tensor as a ``(2,)`` tensor; see :func:`segment_moments`."""
+def _count(index: torch.Tensor, size: int) -> torch.Tensor:
+    """How often each of ``0 .. size-1`` occurs in ``index`` (float32), without host sync."""
+    if index.device.type == "cpu":
+        # several times faster on CPU, where there is no device to wait for
+        return torch.bincount(index, minlength=size).to(torch.float32)
+    # CUDA's bincount reads the maximum back to size its output; a scatter does not
+    return torch.zeros(size, device=index.device).index_add_(
+        0, index, torch.ones_like(index, dtype=torch.float32)
+    )
+
+
+def summary(tensor: torch.Tensor) -> np.ndarray:
+    """Mean, std, norm and non-finite flag of one tensor, on the host: shape ``(4,)``.
+
+    A convenience for a single tensor (it copies to the host); see :func:`moments_from_sums`.
+    """
     values, segments = concat([tensor])
-    return segment_moments(values, segments)[0]
+    return moments_from_sums(segment_sums(values, segments).cpu().numpy(), segments.lengths)[0]
 
 
 def histogram(tensor: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:

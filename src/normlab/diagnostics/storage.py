@@ -76,7 +76,7 @@ class ModuleInfo:
 
 @dataclass(frozen=True)
 class ParameterInfo:
-    """A recorded parameter: qualified name, owning module and its class name, shape, position in the model."""
+    """A recorded parameter: qualified name, owning module and its class, shape, position in the model."""
 
     name: str
     module: str

@@ -61,12 +61,14 @@ def read_scalars(directory: Path) -> Iterator[tuple[int, str, str, float]]:
             raise ValueError(f"{path} must start with the header {','.join(SCALAR_COLUMNS)}, got {header}")
         for line, row in enumerate(reader, start=2):
             if len(row) != 4:
-                raise ValueError(f"{path} line {line}: expected 4 columns (step,layer,metric,value), got {row}")
+                raise ValueError(
+                    f"{path} line {line}: expected 4 columns (step,layer,metric,value), got {row}"
+                )
             yield int(row[0]), row[1], row[2], float(row[3])
 
 
 def write_histograms(directory: Path, histograms: Mapping[tuple[str, str], Mapping[int, object]]) -> None:
-    """Write every histogram (objects with ``counts``, ``lo``, ``hi``) to ``directory/histograms.safetensors``.
+    """Write every histogram (with ``counts``, ``lo``, ``hi``) to ``directory/histograms.safetensors``.
 
     Nothing is written when there are no histograms.
     """
@@ -95,7 +97,7 @@ def write_histograms(directory: Path, histograms: Mapping[tuple[str, str], Mappi
 
 
 def read_histograms(directory: Path) -> Iterator[tuple[int, str, str, np.ndarray, float, float]]:
-    """Yield ``(step, layer, metric, counts, lo, hi)`` from ``directory/histograms.safetensors``, if present."""
+    """Yield ``(step, layer, metric, counts, lo, hi)`` from ``directory/histograms.safetensors``, if any."""
     path = directory / HISTOGRAMS_FILE
     if not path.is_file():
         return

@@ -12,10 +12,10 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
+from torch.types import Device
 
 from normlab.nn import init as initializers
 
-Device = torch.device | str | None
 LINEAR_INITS = ("torch", "zeros-bias", "kaiming", "xavier", "naive")
 
 

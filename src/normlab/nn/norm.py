@@ -14,12 +14,12 @@ import numbers
 
 import torch
 from torch import nn
+from torch.types import Device
 
 from normlab.nn import init
 from normlab.nn.functional import batch_norm_train, per_channel, reduction_dims
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
-Device = torch.device | str | None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -68,7 +68,7 @@ def _check_trailing_shape(input: torch.Tensor, normalized_shape: tuple[int, ...]
             "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one element, "
             f"but got normalized_shape = {list(normalized_shape)}; pass the size(s) of the last axis/axes"
         )
-    if tuple(input.shape[-len(normalized_shape):]) != normalized_shape or input.dim() < len(normalized_shape):
+    if tuple(input.shape[-len(normalized_shape):]) != normalized_shape:  # also when input has fewer axes
         raise RuntimeError(
             f"Given normalized_shape={list(normalized_shape)}, expected input with shape "
             f"[*, {', '.join(map(str, normalized_shape))}], but got input of size {list(input.shape)}"
@@ -94,7 +94,7 @@ def _reset_affine(module: nn.Module) -> None:
 class _NormBase(nn.Module):
     """Parameters, running-statistics buffers, resets, repr and state-dict versioning of batch norms."""
 
-    _version = 2  # version 2 added num_batches_tracked; older state dicts load with it set to 0
+    _version = 2  # version 2 added num_batches_tracked; older state dicts without it keep the layer's count
     num_features: int
     eps: float
     momentum: float | None
@@ -147,7 +147,7 @@ class _NormBase(nn.Module):
     def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
                               missing_keys: list[str], unexpected_keys: list[str],
                               error_msgs: list[str]) -> None:
-        version = local_metadata.get("version", None)
+        version = local_metadata.get("version")
         if (version is None or version < 2) and self.track_running_stats:
             # state dicts older than version 2 have no num_batches_tracked: keep ours, or start from 0
             key = prefix + "num_batches_tracked"

@@ -1,0 +1,207 @@
+"""``report.html``: one self-contained page per run (config, losses, findings, every plot).
+
+Images are embedded as base64 PNG data URIs and the style sheet is inline: no scripts, no network, no other
+file needed, so the report can be mailed or archived as it is.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from normlab.diagnostics.findings import RULES, Finding, find_issues
+from normlab.diagnostics.plots import plot_all
+from normlab.diagnostics.storage import Diagnostics, has_diagnostics, load_diagnostics
+from normlab.diagnostics.storage_io import atomic_write_text
+
+REPORT_FILE = "report.html"
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+VOCAB_FILE = "vocab.json"
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+h1 { font-size: 1.6em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: .2em; margin-top: 1.6em; }
+table { border-collapse: collapse; margin: .5em 0; } td, th { border: 1px solid #ddd; padding: .25em .6em; }
+th { background: #f4f4f4; text-align: left; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; }
+figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { color: #555; font-size: .9em; }
+.finding { border-left: 4px solid #e0a800; padding: .3em .8em; margin: .6em 0; background: #fffbea; }
+.finding.error { border-color: #c62828; background: #fdecea; }
+.note { color: #555; font-style: italic; }
+"""
+
+_CAPTIONS = {
+    "activations": "Output distribution per layer, with mean, std and saturated/dead share in the legend.",
+    "gradients": "Distribution of the gradient reaching each layer's output.",
+    "weight_gradients": "Distribution of each weight matrix's gradient, with its grad:data ratio.",
+    "update_to_data": "log10 of std(update) / std(weights) per step; the dashed guide is the lesson's 1e-3.",
+    "loss": "Training and validation loss.",
+    "gradient_norms": "Gradient L2 norm per weight matrix and over all recorded parameters.",
+    "saturation": "Share of saturated outputs (tanh/sigmoid-like) and dead units (ReLU-like) over time.",
+    "activation_heatmaps": "Each layer's output histogram over time (columns are recorded steps).",
+}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The rows of a ``metrics.jsonl`` file (one JSON object per line; blank lines skipped)."""
+    rows = []
+    path = Path(path)
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{path} line {number} is not valid JSON ({error.msg}): {line[:80]!r}"
+            ) from error
+        if not isinstance(row, dict):
+            raise ValueError(f"{path} line {number} must be a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def _read_json_object(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    value = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def _table(rows: Sequence[tuple[str, object]], header: tuple[str, str]) -> str:
+    body = "".join(
+        f'<tr><td>{html.escape(str(key))}</td><td class="number">{html.escape(_format_value(value))}</td>'
+        "</tr>"
+        for key, value in rows
+    )
+    return f"<table><tr><th>{header[0]}</th><th>{header[1]}</th></tr>{body}</table>"
+
+
+def _losses_section(rows: Sequence[dict], diagnostics: Diagnostics | None) -> str:
+    final = next((row for row in reversed(rows) if row.get("event") == "final"), None)
+    parts = []
+    if final is not None:
+        splits = [(split, final[split]) for split in ("train", "val", "test") if split in final]
+        parts.append(_table(splits, ("split", "final loss")))
+    last = next((row for row in reversed(rows) if "train_loss" in row or "val_loss" in row), None)
+    if last is not None:
+        keys = ("step", "train_loss", "val_loss", "lr", "elapsed_s")
+        parts.append("<p>Last logged step:</p>" + _table([(k, last[k]) for k in keys if k in last], ("", "")))
+    if not parts and diagnostics is not None and diagnostics.series("", "loss")[0].size:
+        steps, losses = diagnostics.series("", "loss")
+        parts.append(
+            _table(
+                [(f"step {int(s)}", float(v)) for s, v in zip(steps, losses, strict=True)][-10:],
+                ("recorded step", "loss"),
+            )
+        )
+    return "".join(parts) or '<p class="note">No losses were recorded for this run.</p>'
+
+
+def _findings_section(findings: Sequence[Finding], has_data: bool) -> str:
+    rules = "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(text)}</li>" for name, text in RULES.items()
+    )
+    checked = f"<details><summary>Rules checked</summary><ul>{rules}</ul></details>"
+    if not has_data:
+        return '<p class="note">No diagnostics recorded, so no findings.</p>' + checked
+    if not findings:
+        return "<p>No rule fired: the recorded numbers look healthy.</p>" + checked
+    items = "".join(
+        f'<div class="finding {html.escape(f.severity)}"><b>{html.escape(f.severity.upper())} '
+        f"[{html.escape(f.rule)}]</b> step {f.step}, {html.escape(f.layer or 'model')}: "
+        f"{html.escape(f.message)}<br><i>Remedy:</i> {html.escape(f.remedy)}</div>"
+        for f in findings
+    )
+    return items + checked
+
+
+def _figure(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    key = next((k for k in sorted(_CAPTIONS, key=len, reverse=True) if path.stem.startswith(k)), "")
+    caption = f"{path.stem}: {_CAPTIONS.get(key, '')}"
+    return (
+        f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
+
+
+def write_report(run_dir: str | os.PathLike) -> Path:
+    """Write ``run_dir/report.html`` (atomically) from what the run directory holds; returns its path.
+
+    Reads ``config.json`` (shown as a table), ``metrics.jsonl`` (loss curves and final losses), ``vocab.json``
+    (its ``"itos"`` list gives the vocabulary size for the initial-loss rule) and ``diagnostics/``; any of
+    them may be missing, and the report says what is.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"run directory {run_dir} does not exist; pass the directory a training run wrote"
+        )
+    config = _read_json_object(run_dir / CONFIG_FILE)
+    rows = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
+    vocab = _read_json_object(run_dir / VOCAB_FILE)
+    vocab_size = len(vocab["itos"]) if vocab and isinstance(vocab.get("itos"), list) else None
+    diagnostics = load_diagnostics(run_dir) if has_diagnostics(run_dir) else None
+    has_data = diagnostics is not None and not diagnostics.is_empty
+    findings = (
+        find_issues(diagnostics, vocab_size if vocab_size and vocab_size >= 2 else None) if has_data else []
+    )
+
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = plot_all(diagnostics or Diagnostics(), scratch, rows)
+        figures = "".join(_figure(path) for path in paths)
+
+    config_html = (
+        _table(sorted(config.items()), ("setting", "value"))
+        if config is not None
+        else f'<p class="note">No {CONFIG_FILE} in this run directory.</p>'
+    )
+    if not has_data:
+        figures += (
+            '<p class="note">No diagnostics were recorded for this run; train with a Monitor '
+            "(<code>normlab train ... --diagnose</code>) to get the per-layer plots.</p>"
+        )
+    facts = [
+        f"{len(findings)} finding(s), {sum(f.severity == 'error' for f in findings)} error(s)"
+        if has_data
+        else "No diagnostics recorded"
+    ]
+    if has_data:
+        facts.append(
+            f"{len(diagnostics.steps())} recorded steps, every {diagnostics.settings.get('every', '?')}"
+        )
+    if vocab_size:
+        facts.append(f"vocabulary of {vocab_size} symbols (uniform-guess loss {math.log(vocab_size):.3f})")
+    title = html.escape(f"normlab report: {run_dir.resolve().name}")
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
+        f"<p>{html.escape('; '.join(facts))}.</p>"
+        f"<h2>Configuration</h2>{config_html}"
+        f"<h2>Losses</h2>{_losses_section(rows, diagnostics)}"
+        f"<h2>Findings</h2>{_findings_section(findings, has_data)}"
+        f"<h2>Plots</h2>{figures or '<p class=note>Nothing to plot.</p>'}"
+        "</body></html>\n"
+    )
+    path = run_dir / REPORT_FILE
+    atomic_write_text(path, page)
+    return path

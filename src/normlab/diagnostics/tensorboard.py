@@ -1,0 +1,96 @@
+"""Export recorded diagnostics to TensorBoard event files (optional extra: ``normlab[tensorboard]``).
+
+Scalars go under ``<metric>/<layer>`` (global ones under their own name), histograms under
+``hist_<metric>/<layer>``, and the run's ``metrics.jsonl`` rows under ``metrics/<key>`` and ``final/<split>``,
+so ``tensorboard --logdir RUN`` shows them grouped by metric.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from normlab.diagnostics.storage import Diagnostics
+
+TENSORBOARD_DIR = "tensorboard"
+_METRIC_KEYS = ("train_loss", "val_loss", "lr", "elapsed_s")
+
+
+def _summary_writer() -> type:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:  # torch raises this when the tensorboard package is absent
+        raise ImportError(
+            "TensorBoard export needs the tensorboard package: pip install 'normlab[tensorboard]'"
+        ) from error
+    return SummaryWriter
+
+
+def scalar_tag(layer: str, metric: str) -> str:
+    """The TensorBoard tag of a scalar series."""
+    return f"{metric}/{layer}" if layer else metric
+
+
+def histogram_tag(layer: str, metric: str) -> str:
+    """The TensorBoard tag of a histogram series."""
+    return f"hist_{metric}/{layer}"
+
+
+def export_tensorboard(
+    diagnostics: Diagnostics, logdir: str | os.PathLike, metrics_rows: Sequence[dict] | None = None
+) -> Path:
+    """Write ``diagnostics`` (and the run's ``metrics_rows``, if given) as TensorBoard events in ``logdir``.
+
+    Histograms are written from the stored bin counts (``add_histogram_raw``; bucket limits are the right
+    edges of the bins); their sum and sum of squares are estimated from the bin centres. Non-finite scalars
+    are skipped. Returns ``logdir``.
+    """
+    writer_class = _summary_writer()
+    logdir = Path(logdir)
+    with writer_class(log_dir=str(logdir)) as writer:
+        for (layer, metric), values in sorted(diagnostics.scalars.items()):
+            for step, value in sorted(values.items()):
+                if math.isfinite(value):
+                    writer.add_scalar(scalar_tag(layer, metric), value, step)
+        for (layer, metric), histograms in sorted(diagnostics.histograms.items()):
+            for step, histogram in sorted(histograms.items()):
+                total = int(histogram.counts.sum())
+                if total == 0:
+                    continue
+                centers = histogram.centers
+                writer.add_histogram_raw(
+                    histogram_tag(layer, metric),
+                    min=histogram.lo,
+                    max=histogram.hi,
+                    num=total,
+                    sum=float(np.dot(histogram.counts, centers)),
+                    sum_squares=float(np.dot(histogram.counts, centers**2)),
+                    bucket_limits=histogram.edges[1:].tolist(),
+                    bucket_counts=histogram.counts.tolist(),
+                    global_step=step,
+                )
+        _export_metrics(writer, metrics_rows or [])
+    return logdir
+
+
+def _export_metrics(writer: object, rows: Sequence[dict]) -> None:
+    last_step = 0
+    for row in rows:
+        step = row.get("step")
+        if row.get("event") == "final":
+            final_step = int(step) if isinstance(step, (int, float)) else last_step
+            for split in ("train", "val", "test"):
+                if isinstance(row.get(split), (int, float)):
+                    writer.add_scalar(f"final/{split}", row[split], final_step)
+            continue
+        if not isinstance(step, (int, float)):
+            continue
+        last_step = int(step)
+        for key in _METRIC_KEYS:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                writer.add_scalar(f"metrics/{key}", value, last_step)

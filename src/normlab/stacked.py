@@ -1,0 +1,299 @@
+"""M models of one MLP architecture as stacked tensors, with the forward and the backward written out.
+
+This is the speed path. A model of the lesson is tiny, so a step of a plain PyTorch loop spends its time on the
+overhead of some sixty small operations and autograd's bookkeeping, not on arithmetic. Here the M models of a
+sweep (or the single model of one run, M = 1) share every operation: batched matrix products over a leading
+model axis, the closed-form BatchNorm backward, the softmax–cross-entropy gradient p − onehot, one fused
+optimizer update. Shapes: contexts (M, B, T), hidden activations (M, B, H), logits (M, B, V).
+
+`StackedMLP.from_models` copies the parameters of M `LanguageModel`s built by `build_model` (so a stacked run
+starts exactly where M separate runs would), and `to_models` copies them back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from normlab.model import LanguageModel, ModelConfig, build_model
+
+STACKED_NORMS = ("none", "batch", "layer", "rms")
+# The fields M models must share to be stacked; the rest (init, scales, bn_momentum...) may differ per model.
+SHAPE_FIELDS = ("architecture", "block_size", "n_embd", "n_hidden", "n_layers", "norm", "activation", "residual",
+                "output_norm", "output_bias", "hidden_bias")
+
+
+def stacking_problem(config: ModelConfig) -> str | None:
+    """Why `config` cannot run on the stacked path, or None if it can."""
+    if config.architecture != "mlp":
+        return f"architecture {config.architecture!r} (the stacked path runs the mlp architecture)"
+    if config.norm not in STACKED_NORMS:
+        return f"norm {config.norm!r} (the stacked path supports {', '.join(STACKED_NORMS)})"
+    if config.residual:
+        return "residual connections"
+    if config.output_norm:
+        return "a norm after the output layer"
+    return None
+
+
+def _shape_key(config: ModelConfig) -> tuple:
+    hidden_bias = (config.norm == "none") if config.hidden_bias is None else config.hidden_bias
+    return tuple(getattr(config, f) for f in SHAPE_FIELDS if f != "hidden_bias") + (hidden_bias,)
+
+
+@dataclass
+class _Hidden:
+    """One hidden block of the M models: weight (M, in, out), optional bias and norm state."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    gamma: torch.Tensor | None = None  # (M, 1, H)
+    beta: torch.Tensor | None = None  # (M, 1, H); None for RMSNorm
+    running_mean: torch.Tensor | None = None  # (M, 1, H), BatchNorm only
+    running_var: torch.Tensor | None = None
+    num_batches_tracked: torch.Tensor | None = None  # (M,) int64
+
+
+class StackedMLP:
+    """M MLP language models of one architecture, trained in lockstep with a hand-written backward."""
+
+    def __init__(self, configs: Sequence[ModelConfig], embedding: torch.Tensor, hidden: list[_Hidden],
+                 output_weight: torch.Tensor, output_bias: torch.Tensor | None, vocab_size: int) -> None:
+        self.configs = list(configs)
+        self.num_models = len(configs)
+        first = configs[0]
+        self.norm, self.activation, self.block_size = first.norm, first.activation, first.block_size
+        self.embedding = embedding  # (M, V, E)
+        self.hidden = hidden
+        self.output_weight = output_weight  # (M, H, V)
+        self.output_bias = output_bias  # (M, 1, V)
+        self.vocab_size = vocab_size
+        device = embedding.device
+        self.bn_momentum = per_model_view([c.bn_momentum for c in configs], embedding)
+        self.eps = 1e-5
+        self._offsets = torch.arange(self.num_models, device=device) * vocab_size
+
+    # ----------------------------------------------------------------------------------------------- building
+    @classmethod
+    def from_models(cls, models: Sequence[LanguageModel], configs: Sequence[ModelConfig]) -> StackedMLP:
+        """Stack copies of the parameters and buffers of `models` (built by `build_model` from `configs`)."""
+        problems = {stacking_problem(c) for c in configs} - {None}
+        if problems:
+            raise ValueError(f"these models cannot be stacked: {', '.join(sorted(problems))}")
+        if len({_shape_key(c) for c in configs}) != 1:
+            raise ValueError("stacked models must share their architecture (" + ", ".join(SHAPE_FIELDS) + ")")
+        if configs[0].norm == "rms" and any(m.eps is not None for m in models[0].modules() if hasattr(m, "eps")
+                                            and type(m).__name__ == "RMSNorm"):
+            raise ValueError("the stacked path's RMSNorm uses eps=None (the machine epsilon)")
+        groups = list(zip(*(m.parameters() for m in models)))
+        params = [torch.stack([t.detach() for t in groups[0]])]  # the embedding tables, as they are: (M, V, E)
+        params += [stack_like_model(list(group)) for group in groups[1:]]
+        buffers = [stack_like_model(list(group)) for group in zip(*(m.buffers() for m in models))]
+        stacked = cls.__new__(cls)
+        stacked._assign(configs, params, buffers, models[0].vocab_size)
+        return stacked
+
+    def _assign(self, configs: Sequence[ModelConfig], params: list[torch.Tensor], buffers: list[torch.Tensor],
+                vocab_size: int) -> None:
+        """Distribute flat lists (in the order of a model's `parameters()` and `buffers()`) into the blocks."""
+        first = configs[0]
+        has_bias = (first.norm == "none") if first.hidden_bias is None else first.hidden_bias
+        params, buffers = list(params), list(buffers)
+        embedding = params.pop(0)
+        hidden = []
+        for _ in range(first.n_layers):
+            block = _Hidden(weight=params.pop(0), bias=params.pop(0) if has_bias else None)
+            if first.norm != "none":
+                block.gamma = params.pop(0)
+                block.beta = params.pop(0) if first.norm != "rms" else None
+            if first.norm == "batch":
+                block.running_mean, block.running_var, block.num_batches_tracked = buffers[:3]
+                buffers = buffers[3:]
+            hidden.append(block)
+        output_weight = params.pop(0)
+        output_bias = params.pop(0) if first.output_bias else None
+        self.__init__(configs, embedding, hidden, output_weight, output_bias, vocab_size)
+
+    @classmethod
+    def build(cls, configs: Sequence[ModelConfig], vocab_size: int, seeds: Sequence[int],
+              device: str | torch.device = "cpu") -> StackedMLP:
+        """Build each model with `build_model(config, vocab_size, seed)` and stack them."""
+        models = [build_model(c, vocab_size, seed=s).to(device) for c, s in zip(configs, seeds)]
+        return cls.from_models(models, configs)
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The BatchNorm running statistics, in the order of a model's `buffers()`."""
+        return [t for block in self.hidden if block.running_mean is not None
+                for t in (block.running_mean, block.running_var, block.num_batches_tracked)]
+
+    def to_models(self) -> list[LanguageModel]:
+        """M separate `LanguageModel`s holding copies of the current parameters and buffers."""
+        models = []
+        with torch.no_grad():
+            for i, config in enumerate(self.configs):
+                model = build_model(config, self.vocab_size, seed=0).to(self.embedding.device, self.embedding.dtype)
+                model.layers[0].weight.copy_(self.embedding[i])
+                for target, source in list(zip(model.parameters(), self.parameters()))[1:]:
+                    target.copy_(unstack_like(source, i, target))
+                for target, source in zip(model.buffers(), self.buffers()):
+                    target.copy_(unstack_like(source, i, target))
+                models.append(model)
+        return models
+
+    def parameters(self) -> list[torch.Tensor]:
+        """Every trainable tensor, in the order of a model's `parameters()`."""
+        params = [self.embedding]
+        for block in self.hidden:
+            params += [t for t in (block.weight, block.bias, block.gamma, block.beta) if t is not None]
+        params.append(self.output_weight)
+        if self.output_bias is not None:
+            params.append(self.output_bias)
+        return params
+
+    # ----------------------------------------------------------------------------------------------- forward
+    def rows(self, contexts: torch.Tensor) -> torch.Tensor:
+        """Contexts (M, B, ...) as rows of the (M·V, E) table of all embeddings: model i's token t is row i·V + t."""
+        return contexts + self._offsets.view((-1,) + (1,) * (contexts.dim() - 1))
+
+    def _embed(self, rows: torch.Tensor) -> torch.Tensor:
+        """Rows (M, B, T) of the stacked table → embeddings (M, B, T·E): one gather."""
+        m, b, _ = rows.shape
+        table = self.embedding.view(-1, self.embedding.shape[-1])
+        return table.index_select(0, rows.reshape(-1)).view(m, b, -1)
+
+    def _normalize(self, h: torch.Tensor, block: _Hidden, training: bool) -> tuple[torch.Tensor, tuple]:
+        """The norm of one block; returns the output and what the backward needs."""
+        if self.norm == "rms":
+            inv = torch.rsqrt(h.square().mean(2, keepdim=True) + torch.finfo(h.dtype).eps)  # eps=None: machine eps
+            return h * inv * block.gamma, (h, inv)
+        if self.norm == "batch" and not training:
+            inv = torch.rsqrt(block.running_var + self.eps)
+            return torch.addcmul(block.beta, (h - block.running_mean) * inv, block.gamma), (None, inv)
+        dim = 1 if self.norm == "batch" else 2  # batch statistics over examples; layer statistics over features
+        mean = h.mean(dim, keepdim=True)
+        centered = h - mean
+        var = centered.square().mean(dim, keepdim=True)
+        inv = torch.rsqrt(var + self.eps)
+        x_hat = centered * inv
+        if self.norm == "batch":
+            with torch.no_grad():
+                n = h.shape[1]
+                block.running_mean.lerp_(mean, self.bn_momentum)
+                block.running_var.lerp_(var * (n / max(n - 1, 1)), self.bn_momentum)
+                block.num_batches_tracked += 1
+        return torch.addcmul(block.beta, x_hat, block.gamma), (x_hat, inv)
+
+    def forward(self, contexts: torch.Tensor, training: bool = False, *, rows: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, list]:
+        """Logits (M, B, V) of contexts (M, B, T) (or of their `rows`), and the activations the backward needs."""
+        rows = self.rows(contexts) if rows is None else rows
+        x = self._embed(rows)
+        saved = [(None, x)]  # (what the norm's backward needs, the block's output) per block, the embedding first
+        for block in self.hidden:
+            h = torch.bmm(x, block.weight) if block.bias is None else torch.baddbmm(block.bias, x, block.weight)
+            norm_saved = None
+            if self.norm != "none":
+                h, norm_saved = self._normalize(h, block, training)
+            x = torch.tanh(h) if self.activation == "tanh" else torch.relu(h)
+            saved.append((norm_saved, x))
+        if self.output_bias is None:
+            logits = torch.bmm(x, self.output_weight)
+        else:
+            logits = torch.baddbmm(self.output_bias, x, self.output_weight)
+        return logits, saved
+
+    # ----------------------------------------------------------------------------------------------- backward
+    def loss_and_gradients(self, contexts: torch.Tensor | None, targets: torch.Tensor, *,
+                           rows: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+        """Training-mode forward and hand-written backward: per-model mean cross-entropy (M,) and gradients
+        in the order of `parameters()`. Updates BatchNorm running statistics, as a training forward does.
+        Give `rows` (from `self.rows(contexts)`, e.g. computed for many steps at once) instead of contexts."""
+        rows = self.rows(contexts) if rows is None else rows
+        logits, saved = self.forward(None, training=True, rows=rows)
+        m, b, v = logits.shape
+        log_probs = torch.log_softmax(logits, dim=2)
+        index = targets.unsqueeze(2)  # (M, B, 1)
+        loss = -log_probs.gather(2, index).squeeze(2).mean(1)  # (M,)
+        # d(mean cross-entropy)/d logits = (softmax − onehot) / B
+        d_logits = log_probs.exp_().scatter_add_(2, index, torch.full_like(index, -1, dtype=logits.dtype))
+        d_logits.mul_(1.0 / b)
+        x = saved[-1][1]
+        grads_out = [torch.bmm(x.transpose(1, 2), d_logits)]  # (M, H, V)
+        if self.output_bias is not None:
+            grads_out.append(d_logits.sum(1, keepdim=True))
+        d_x = torch.bmm(d_logits, self.output_weight.transpose(1, 2))  # (M, B, H)
+        grads_hidden: list[list[torch.Tensor]] = []
+        for depth in range(len(self.hidden) - 1, -1, -1):
+            block = self.hidden[depth]
+            norm_saved, out = saved[depth + 1]
+            x_in = saved[depth][1]
+            if self.activation == "tanh":
+                d_h = torch.addcmul(d_x, d_x, out.square(), value=-1.0)  # dx · (1 − tanh²)
+            else:
+                d_h = d_x * (out > 0)
+            block_grads: list[torch.Tensor] = []
+            if self.norm != "none":
+                d_h, norm_grads = self._normalize_backward(d_h, block, norm_saved)
+                block_grads = norm_grads
+            d_weight = torch.bmm(x_in.transpose(1, 2), d_h)
+            linear_grads = [d_weight] + ([d_h.sum(1, keepdim=True)] if block.bias is not None else [])
+            grads_hidden.append(linear_grads + block_grads)
+            d_x = torch.bmm(d_h, block.weight.transpose(1, 2))
+        d_table = torch.zeros_like(self.embedding).view(-1, self.embedding.shape[-1])
+        d_table.index_add_(0, rows.reshape(-1), d_x.reshape(-1, self.embedding.shape[-1]))
+        grads = [d_table.view_as(self.embedding)]
+        for block_grads in reversed(grads_hidden):
+            grads += block_grads
+        return loss, grads + grads_out
+
+    def _normalize_backward(self, d_y: torch.Tensor, block: _Hidden, saved: tuple) -> tuple[torch.Tensor, list]:
+        if self.norm == "rms":
+            h, inv = saved
+            g_dy = d_y * block.gamma
+            d_gamma = (d_y * h * inv).sum(1, keepdim=True)
+            n = h.shape[2]
+            d_h = inv * g_dy - h * inv.pow(3) * (g_dy * h).sum(2, keepdim=True) / n
+            return d_h, [d_gamma]
+        x_hat, inv = saved
+        d_beta = d_y.sum(1, keepdim=True)
+        d_gamma = (d_y * x_hat).sum(1, keepdim=True)
+        dim = 1 if self.norm == "batch" else 2
+        n = x_hat.shape[dim]
+        d_xhat = d_y * block.gamma
+        # dx = invstd/n · (n·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)), sums over the normalised axis
+        if self.norm == "batch":
+            sum_dxhat, sum_dxhat_xhat = block.gamma * d_beta, block.gamma * d_gamma
+        else:
+            sum_dxhat, sum_dxhat_xhat = d_xhat.sum(2, keepdim=True), (d_xhat * x_hat).sum(2, keepdim=True)
+        d_h = (inv / n) * (n * d_xhat - sum_dxhat - x_hat * sum_dxhat_xhat)
+        return d_h, [d_gamma, d_beta]
+
+
+def stack_like_model(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Stack one tensor of each model in the stacked layout: a weight (out, in) → (M, in, out), transposed for
+    `bmm`; a vector (H,) → (M, 1, H), broadcasting over the batch; a scalar → (M,)."""
+    tensors = [t.detach() for t in tensors]
+    if tensors[0].dim() == 2:
+        return torch.stack([t.T for t in tensors]).contiguous()
+    stacked = torch.stack(tensors)
+    return stacked.unsqueeze(1).contiguous() if tensors[0].dim() == 1 else stacked
+
+
+def unstack_like(stacked: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tensor:
+    """Model `index`'s slice of a tensor stacked by `stack_like_model`, in the layout of `like` (a model's tensor).
+    Not for the embedding table, which is stacked as it is."""
+    part = stacked[index]
+    return part.T if like.dim() == 2 else part.view_as(like)
+
+
+def per_model_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """A (M, 1, 1) tensor of per-model values, for broadcasting over stacked parameters."""
+    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
+
+
+def count_parameters(stacked: StackedMLP) -> int:
+    """Trainable values of one of the M models."""
+    return sum(math.prod(p.shape[1:]) for p in stacked.parameters())

@@ -1,0 +1,84 @@
+"""The stacked path against the reference: M separate normlab models run through autograd."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlab.model import ModelConfig, build_model
+from normlab.stacked import StackedMLP, stacking_problem
+
+VOCAB = 27
+
+
+def _configs(norm: str, activation: str, n_layers: int, count: int = 3) -> list[ModelConfig]:
+    base = ModelConfig(norm=norm, activation=activation, n_layers=n_layers, n_hidden=12, n_embd=4, init="kaiming",
+                       bias_scale=0.1, output_weight_scale=0.5)
+    return [dataclasses.replace(base, weight_scale=0.5 + i, bn_momentum=0.1 * (i + 1)) for i in range(count)]
+
+
+def _batch(count: int, batch: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, VOCAB, (count, batch, 3), generator=generator),
+            torch.randint(0, VOCAB, (count, batch), generator=generator))
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "rms"])
+@pytest.mark.parametrize("activation", ["tanh", "relu"])
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_loss_gradients_and_buffers_equal_autograd_on_separate_models(norm, activation, n_layers):
+    configs = _configs(norm, activation, n_layers)
+    models = [build_model(c, VOCAB, seed=i).double() for i, c in enumerate(configs)]
+    stacked = StackedMLP.from_models(models, configs)
+    contexts, targets = _batch(len(models))
+    loss, grads = stacked.loss_and_gradients(contexts, targets)
+    for i, model in enumerate(models):
+        reference = F.cross_entropy(model(contexts[i]), targets[i])
+        reference.backward()
+        torch.testing.assert_close(loss[i], reference, rtol=1e-10, atol=1e-10)
+        expected = stacked.to_models()[i]
+        for (name, p), mine in zip(model.named_parameters(), _unstacked_grads(stacked, grads, i, model)):
+            torch.testing.assert_close(mine, p.grad, rtol=1e-9, atol=1e-10, msg=name)
+        for (name, b), mine in zip(model.named_buffers(), expected.buffers()):
+            torch.testing.assert_close(mine, b, rtol=1e-10, atol=1e-10, msg=name)
+
+
+def _unstacked_grads(stacked, grads, index, model):
+    out = [grads[0][index]]
+    for grad, like in list(zip(grads, model.parameters()))[1:]:
+        part = grad[index]
+        out.append(part.T if like.dim() == 2 else part.reshape(like.shape))
+    return out
+
+
+def test_eval_mode_uses_running_statistics_like_the_model():
+    configs = _configs("batch", "tanh", 2)
+    models = [build_model(c, VOCAB, seed=i) for i, c in enumerate(configs)]
+    for model in models:  # move the running statistics away from their initial values
+        model(torch.randint(0, VOCAB, (32, 3)))
+        model.eval()
+    stacked = StackedMLP.from_models(models, configs)
+    contexts, _ = _batch(len(models))
+    logits, _ = stacked.forward(contexts, training=False)
+    for i, model in enumerate(models):
+        torch.testing.assert_close(logits[i], model(contexts[i]))
+
+
+def test_round_trip_through_the_stack_keeps_every_tensor():
+    configs = _configs("batch", "relu", 2)
+    models = [build_model(c, VOCAB, seed=i) for i, c in enumerate(configs)]
+    for original, copy in zip(models, StackedMLP.from_models(models, configs).to_models()):
+        for (name, a), b in zip(original.state_dict().items(), copy.state_dict().values()):
+            assert torch.equal(a, b), name
+
+
+def test_unsupported_configs_are_named():
+    assert stacking_problem(ModelConfig(architecture="wavenet", block_size=8, n_layers=3)) is not None
+    assert "group" in stacking_problem(ModelConfig(norm="group"))
+    assert stacking_problem(ModelConfig(norm="batch")) is None
+    with pytest.raises(ValueError, match="share their architecture"):
+        configs = [ModelConfig(n_hidden=8), ModelConfig(n_hidden=9)]
+        StackedMLP.from_models([build_model(c, VOCAB) for c in configs], configs)
