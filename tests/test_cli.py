@@ -60,7 +60,8 @@ def test_the_same_command_gives_the_same_numbers(tmp_path, words_file, trained_r
 
 
 @pytest.mark.parametrize("optimizer", [[], ["--set", "optimizer=adamw", "--set", "lr=0.01"],
-                                       ["--set", "momentum=0.9", "--set", "schedule=cosine"]])
+                                       ["--set", "momentum=0.9", "--set", "schedule=cosine"],
+                                       ["--set", "fast=false"], ["--set", "fast=false", "--set", "optimizer=adamw"]])
 def test_resume_after_ctrl_c_ends_with_the_uninterrupted_parameters(tmp_path, words_file, monkeypatch, capsys,
                                                                      optimizer):
     uninterrupted = tmp_path / "uninterrupted"

@@ -167,6 +167,7 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
     first = configs[0]
     device = torch.device(first.device)
     count = stacked.num_models
+    dtype = stacked.embedding.dtype
     optimizer = optimizer or StackedOptimizer(stacked.parameters(), configs)
     x_train, y_train = train_xy[0].to(device), train_xy[1].to(device)
     subsets = [_eval_subsets(train_xy, val_xy, c) for c in configs]
@@ -191,7 +192,7 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
             if same_schedule:
                 lr: float | torch.Tensor = learning_rate(first, step)
             else:
-                lr = torch.tensor([learning_rate(c, step) for c in configs], device=device, dtype=stacked.embedding.dtype)
+                lr = torch.tensor([learning_rate(c, step) for c in configs], dtype=dtype, device=device)
             loss, grads = stacked.loss_and_gradients(None, targets[:, k], rows=rows[:, k])
             if any(c is not None for c in clip):
                 _clip_per_model(grads, clip)

@@ -15,8 +15,10 @@ from normlab.checkpoint import RunDir
 from normlab.config import RunConfig
 from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits
 from normlab.errors import CheckpointError, DataError
-from normlab.model import build_model
+from normlab.fast import StackedOptimizer, train_stacked
+from normlab.model import LanguageModel, build_model
 from normlab.sample import Diversity, Samples, diversity, sample_words
+from normlab.stacked import StackedMLP, stacking_problem
 from normlab.train import TrainEvents, calibrate_batchnorm, evaluate, make_optimizer, train
 
 
@@ -80,11 +82,29 @@ def _check_same_data(run: RunDir) -> None:
                         "the original file to resume this run, or start a new run")
 
 
-def _train_and_finish(run: RunDir, model: torch.nn.Module, splits: Splits, *, start_step: int,
+def _train_and_finish(run: RunDir, model: LanguageModel, splits: Splits, *, start_step: int,
                       optimizer_state: bool, diagnose: bool, every: int, calibrate: bool,
                       progress: bool) -> TrainOutcome:
     config = run.config
-    optimizer = make_optimizer(model.to(config.train.device), config.train)
+    model.to(config.train.device)
+    if config.train.fast and not diagnose and stacking_problem(config.model) is None:
+        model = _train_stacked(run, model, splits, start_step, optimizer_state, progress)
+    else:
+        _train_reference(run, model, splits, start_step, optimizer_state, diagnose, every, progress)
+    outcome = TrainOutcome(run, final={})
+    if calibrate:
+        outcome.calibration = _calibrate(run, model, splits)
+    outcome.final = {split: evaluate(model, *splits.get(split)) for split in ("train", "val", "test")}
+    run.append_metrics({"event": "final", "step": config.train.steps, **outcome.final})
+    if diagnose:
+        outcome.report = write_report(run.path)
+    return outcome
+
+
+def _train_reference(run: RunDir, model: LanguageModel, splits: Splits, start_step: int, optimizer_state: bool,
+                     diagnose: bool, every: int, progress: bool) -> None:
+    """The reference path: normlab's layers, autograd and torch.optim."""
+    optimizer = make_optimizer(model, run.config.train)
     if optimizer_state:
         run.load_optimizer(optimizer, start_step)
     monitor = _monitor(model, optimizer, every) if diagnose else None
@@ -98,19 +118,34 @@ def _train_and_finish(run: RunDir, model: torch.nn.Module, splits: Splits, *, st
                          begin_step=monitor.begin_step if monitor else None,
                          end_step=monitor.end_step if monitor else None)
     try:
-        train(model, splits.train, splits.val, config.train, optimizer=optimizer, start_step=start_step,
+        train(model, splits.train, splits.val, run.config.train, optimizer=optimizer, start_step=start_step,
               events=events, progress=progress)
     finally:
         if monitor is not None:
             monitor.close()
-    outcome = TrainOutcome(run, final={})
-    if calibrate:
-        outcome.calibration = _calibrate(run, model, splits)
-    outcome.final = {split: evaluate(model, *splits.get(split)) for split in ("train", "val", "test")}
-    run.append_metrics({"event": "final", "step": config.train.steps, **outcome.final})
-    if diagnose:
-        outcome.report = write_report(run.path)
-    return outcome
+
+
+def _train_stacked(run: RunDir, model: LanguageModel, splits: Splits, start_step: int, optimizer_state: bool,
+                   progress: bool) -> LanguageModel:
+    """The fast path (`normlab.fast`); checkpoints are written in the reference path's format, so either path
+    can resume a run of the other."""
+    config = run.config
+    stacked = StackedMLP.from_models([model], [config.model])
+    optimizer = StackedOptimizer(stacked.parameters(), [config.train])
+    if optimizer_state:
+        reference_optimizer = make_optimizer(model, config.train)
+        run.load_optimizer(reference_optimizer, start_step)
+        optimizer.load_state_dicts([reference_optimizer.state_dict()])
+
+    def checkpoint(step: int) -> None:
+        current = stacked.to_models()[0]
+        reference_optimizer = make_optimizer(current, config.train)
+        reference_optimizer.load_state_dict(optimizer.state_dict_for(0, reference_optimizer))
+        run.save_checkpoint(current, reference_optimizer, step)
+
+    train_stacked(stacked, splits.train, splits.val, [config.train], optimizer=optimizer, start_step=start_step,
+                  log=lambda _, row: run.append_metrics(row), checkpoint=checkpoint, progress=progress)
+    return stacked.to_models()[0]
 
 
 def _monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, every: int) -> Any:

@@ -47,6 +47,7 @@ class TrainConfig:
     eval_examples: int = 10_000  # size of those subsets
     checkpoint_every: int = 50_000
     device: str = "cpu"
+    fast: bool = True  # the stacked path (hand-written backward) wherever the model allows it; see normlab.fast
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad value and its fix."""

@@ -120,6 +120,7 @@ BAD_INPUTS = [
              mentions="torch.int16"),
     BadInput("embedding-bool-indices", lambda nn: nn.Embedding(5, 2), _integers((2,), torch.bool),
              mentions="torch.bool"),
+    BadInput("embedding-list-of-indices", lambda nn: nn.Embedding(5, 2), lambda: [0, 1], mentions="list"),
     BadInput("embedding-padding_idx-too-large", lambda nn: nn.Embedding(5, 2, padding_idx=5),
              mentions="padding_idx=5"),
     BadInput("embedding-padding_idx-too-small", lambda nn: nn.Embedding(5, 2, padding_idx=-6),

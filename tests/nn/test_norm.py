@@ -247,8 +247,8 @@ def test_layer_norm_matches_torch_on_random_shapes(leading, normalized, affine, 
 
 
 @FEW_EXAMPLES
-@given(batch=st.integers(1, 4), groups=st.integers(1, 3), channels_per_group=st.integers(1, 3),
-       spatial=st.lists(st.integers(1, 3), max_size=2), affine=st.booleans(), bias=st.booleans(),
+@given(batch=st.integers(1, 4), groups=st.integers(1, 3), channels_per_group=st.integers(1, 4),
+       spatial=st.lists(st.integers(1, 4), max_size=2), affine=st.booleans(), bias=st.booleans(),
        eps=st.sampled_from([1e-5, 1e-2]), dtype=dtypes, seed=seeds)
 def test_group_norm_matches_torch_on_random_shapes(batch, groups, channels_per_group, spatial, affine, bias,
                                                    eps, dtype, seed):

@@ -158,10 +158,13 @@ def _count(index: torch.Tensor, size: int) -> torch.Tensor:
     if index.device.type == "cpu":
         # several times faster on CPU, where there is no device to wait for
         return torch.bincount(index, minlength=size).to(torch.float32)
-    # CUDA's bincount reads the maximum back to size its output; a scatter does not
-    return torch.zeros(size, device=index.device).index_add_(
-        0, index, torch.ones_like(index, dtype=torch.float32)
-    )
+    return _scatter_count(index, size)
+
+
+def _scatter_count(index: torch.Tensor, size: int) -> torch.Tensor:
+    # CUDA's bincount reads the maximum back to the host to size its output; a scatter never does
+    ones = torch.ones_like(index, dtype=torch.float32)
+    return torch.zeros(size, device=index.device).index_add_(0, index, ones)
 
 
 def summary(tensor: torch.Tensor) -> np.ndarray:

@@ -38,7 +38,7 @@ def _running_mean(values: np.ndarray, window: int) -> np.ndarray:
 def plot_loss(
     diagnostics: Diagnostics, path: str | os.PathLike, metrics_rows: Sequence[dict] | None = None
 ) -> Path | None:
-    """Training and validation loss over the steps, on a log scale.
+    """Training and validation loss over the steps (log scale when they span more than a factor 10).
 
     ``metrics_rows`` are the run's ``metrics.jsonl`` rows (``step`` with ``train_loss``/``val_loss``; the row
     with ``"event": "final"`` gives full-split losses, drawn as dotted lines); the monitor's own recorded
@@ -74,8 +74,14 @@ def plot_loss(
     for (split, value), color in zip(finals.items(), ("tab:blue", "tab:orange", "tab:red"), strict=False):
         axes.axhline(value, color=color, linestyle=":", label=f"final {split}: {value:.4f}")
     values = np.concatenate([train, val, monitor, np.asarray(list(finals.values()), dtype=float)])
-    if np.all(values[np.isfinite(values)] > 0):
-        axes.set_yscale("log")
+    values = values[np.isfinite(values)]
+    if values.size and values.min() > 0 and values.max() > 10 * values.min():
+        from matplotlib.ticker import FuncFormatter
+
+        axes.set_yscale("log")  # an initial loss far above the rest (the lesson's 27 vs 2) stays readable
+        plain = FuncFormatter(lambda value, _: f"{value:g}")
+        axes.yaxis.set_major_formatter(plain)
+        axes.yaxis.set_minor_formatter(plain)
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title("loss")

@@ -160,6 +160,9 @@ class Embedding(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """Look up int64/int32 indices in [0, num_embeddings): (*) → (*, embedding_dim)."""
+        if not isinstance(input, torch.Tensor):
+            raise TypeError(f"Embedding takes a tensor of indices, not {type(input).__name__}: wrap it in "
+                            "torch.tensor")
         if input.dtype not in (torch.int64, torch.int32):
             raise RuntimeError(
                 f"Expected tensor for argument #1 'indices' to have one of the following scalar types: Long, "

@@ -1,0 +1,227 @@
+"""The Monitor's records against independent recomputation, and its hooks' life cycle."""
+
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from normlab.diagnostics import Monitor
+from normlab.diagnostics import metrics as m
+
+from .models import batch, count_forward_hooks, lesson_mlp, train_step
+
+
+def _std(tensor: torch.Tensor) -> float:
+    return float(np.std(tensor.detach().double().numpy(), ddof=1))
+
+
+def test_records_only_every_n_steps_and_when_forced():
+    model = lesson_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = batch()
+    with Monitor(model, optimizer, every=3) as monitor:
+        for step in range(8):
+            monitor.begin_step(step, force=step == 7)
+            loss = F.cross_entropy(model(inputs), targets)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.end_step(loss)
+    assert monitor.diagnostics.steps() == [0, 3, 6, 7]
+
+
+def test_off_steps_run_with_no_hooks_at_all():
+    model = lesson_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    unmonitored = count_forward_hooks(lesson_mlp())
+    with Monitor(model, optimizer, every=10) as monitor:
+        assert monitor.begin_step(3) is False
+        assert count_forward_hooks(model) == unmonitored == 0
+        monitor.end_step()
+        assert monitor.begin_step(10) is True
+        assert count_forward_hooks(model) == 5  # one per selected module, while recording
+        train_step(model, optimizer, None, 10, *batch())
+        monitor.end_step()
+        assert count_forward_hooks(model) == 0
+
+
+def test_close_removes_every_hook_from_model_and_optimizer():
+    model = lesson_mlp()
+    optimizer = torch.optim.Adam(model.parameters())
+    monitor = Monitor(model, optimizer, every=1)
+    assert len(optimizer._optimizer_step_pre_hooks) == len(optimizer._optimizer_step_post_hooks) == 1
+    monitor.begin_step(0)  # closed in the middle of a recording step
+    model(batch()[0])
+    monitor.close()
+    assert count_forward_hooks(model) == 0
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    with pytest.raises(RuntimeError, match="closed"):
+        monitor.begin_step(1)
+
+
+def test_activation_statistics_match_a_recomputation_of_the_layer():
+    model = lesson_mlp()
+    inputs, targets = batch()
+    reference = copy.deepcopy(model)
+    with Monitor(model, every=1, bins=8) as monitor:
+        train_step(model, None, monitor, 0, inputs, targets)
+    tanh_output = reference[:5](inputs).detach().numpy().astype(np.float64)
+    diagnostics = monitor.diagnostics
+    assert diagnostics.value("4", m.ACT_MEAN, 0) == pytest.approx(tanh_output.mean(), abs=1e-6)
+    assert diagnostics.value("4", m.ACT_STD, 0) == pytest.approx(tanh_output.std(ddof=1), rel=1e-5)
+    assert diagnostics.value("4", m.ACT_SATURATED, 0) == pytest.approx(np.mean(np.abs(tanh_output) > 0.97))
+    histogram = diagnostics.histogram("4", m.HIST_ACT, 0)
+    expected, _ = np.histogram(tanh_output, bins=8, range=(histogram.lo, histogram.hi))
+    np.testing.assert_array_equal(histogram.counts, expected)
+    assert (histogram.lo, histogram.hi) == pytest.approx((tanh_output.min(), tanh_output.max()))
+
+
+def test_gradient_of_a_layer_output_matches_autograd():
+    model = lesson_mlp()
+    inputs, targets = batch()
+    reference = copy.deepcopy(model)
+    with Monitor(model, every=1) as monitor:
+        train_step(model, None, monitor, 0, inputs, targets)
+    hidden = reference[:5](inputs)
+    hidden.retain_grad()
+    F.cross_entropy(reference[5](hidden), targets).backward()
+    assert monitor.diagnostics.value("4", m.GRAD_STD, 0) == pytest.approx(_std(hidden.grad), rel=1e-5)
+    assert monitor.diagnostics.value("4", m.GRAD_MEAN, 0) == pytest.approx(hidden.grad.mean().item(), abs=1e-9)
+
+
+def test_parameter_statistics_and_gradient_norms_match_torch():
+    model = lesson_mlp()
+    reference = copy.deepcopy(model)
+    inputs, targets = batch()
+    with Monitor(model, every=1) as monitor:
+        train_step(model, None, monitor, 0, inputs, targets)
+    F.cross_entropy(reference(inputs), targets).backward()
+    diagnostics = monitor.diagnostics
+    weight = reference[2].weight
+    assert diagnostics.value("2.weight", m.PARAM_STD, 0) == pytest.approx(_std(weight), rel=1e-6)
+    assert diagnostics.value("2.weight", m.PARAM_GRAD_STD, 0) == pytest.approx(_std(weight.grad), rel=1e-5)
+    assert diagnostics.value("2.weight", m.GRAD_TO_DATA, 0) == pytest.approx(
+        _std(weight.grad) / _std(weight), rel=1e-5
+    )
+    assert diagnostics.value("5.bias", m.PARAM_GRAD_NORM, 0) == pytest.approx(
+        torch.linalg.vector_norm(reference[5].bias.grad).item(), rel=1e-6
+    )
+    total = nn.utils.clip_grad_norm_(reference.parameters(), max_norm=float("inf"))
+    assert diagnostics.value("", m.GRAD_NORM, 0) == pytest.approx(total.item(), rel=1e-5)
+
+
+def test_update_to_data_with_sgd_is_lr_times_grad_std_over_weight_std():
+    model = lesson_mlp()
+    learning_rate = 0.05
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
+    weight = model[2].weight
+    before = weight.detach().clone()
+    with Monitor(model, optimizer, every=1) as monitor:
+        train_step(model, optimizer, monitor, 0, *batch())
+    expected = learning_rate * _std(weight.grad) / _std(before)
+    assert monitor.diagnostics.value("2.weight", m.UPDATE_TO_DATA, 0) == pytest.approx(expected, rel=1e-4)
+    assert monitor.diagnostics.value("", m.LEARNING_RATE, 0) == learning_rate
+
+
+def test_update_to_data_with_adam_matches_a_before_and_after_snapshot():
+    model = lesson_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    with Monitor(model, optimizer, every=2) as monitor:
+        for step in range(3):
+            before = model[5].weight.detach().clone()
+            train_step(model, optimizer, monitor, step, *batch(step))
+    after = model[5].weight.detach()
+    expected = _std(after - before) / _std(before)
+    assert monitor.diagnostics.value("5.weight", m.UPDATE_TO_DATA, 2) == pytest.approx(expected, rel=1e-4)
+    assert expected != pytest.approx(0.01 * _std(model[5].weight.grad) / _std(before), rel=0.1)  # not SGD's
+
+
+def test_an_in_place_relu_does_not_change_what_was_recorded_for_the_linear_before_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(inplace=True), nn.Linear(16, 2))
+    inputs = torch.randn(8, 4)
+    expected = model[0](inputs).detach().numpy()
+    with Monitor(model, every=1) as monitor:
+        monitor.begin_step(0)
+        model(inputs).sum().backward()
+        monitor.end_step()
+    assert monitor.diagnostics.value("0", m.ACT_MEAN, 0) == pytest.approx(expected.mean(), abs=1e-6)
+    assert monitor.diagnostics.histogram("0", m.HIST_ACT, 0).lo < 0  # the pre-ReLU values, negatives included
+
+
+def test_a_module_called_twice_is_recorded_once_per_call():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(4, 4)
+            self.act = nn.Tanh()
+
+        def forward(self, x):
+            return self.act(self.linear(self.act(x)))
+
+    model = Twice()
+    inputs = torch.randn(5, 4) * 3
+    with Monitor(model, every=1) as monitor:
+        monitor.begin_step(0)
+        model(inputs).sum().backward()
+        monitor.end_step()
+    diagnostics = monitor.diagnostics
+    assert diagnostics.value("act", m.ACT_MEAN, 0) == pytest.approx(torch.tanh(inputs).mean().item(), abs=1e-6)
+    assert diagnostics.layers(m.ACT_MEAN) == ["act", "linear", "act#1"]  # forward order
+
+
+def test_without_an_optimizer_parameters_are_read_at_end_step():
+    model = lesson_mlp()
+    with Monitor(model, every=1) as monitor:
+        train_step(model, None, monitor, 0, *batch())
+    diagnostics = monitor.diagnostics
+    assert diagnostics.value("2.weight", m.PARAM_GRAD_STD, 0) == pytest.approx(_std(model[2].weight.grad), rel=1e-5)
+    assert diagnostics.layers(m.UPDATE_TO_DATA) == []
+    assert diagnostics.layers(m.LEARNING_RATE) == []
+
+
+def test_a_recording_step_copies_to_the_host_once(monkeypatch):
+    model = lesson_mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = Monitor(model, optimizer, every=1)
+    inputs, targets = batch()
+    monitor.begin_step(0)
+    loss = F.cross_entropy(model(inputs), targets)
+    loss.backward()
+    optimizer.step()
+    calls = {"cpu": 0, "item": 0, "tolist": 0, "__float__": 0}
+    for name in calls:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    monitor.end_step(loss)
+    monkeypatch.undo()
+    monitor.close()
+    assert calls == {"cpu": 1, "item": 0, "tolist": 0, "__float__": 0}
+    assert math.isfinite(monitor.diagnostics.value("", m.LOSS, 0))
+
+
+def test_invalid_arguments_raise_with_the_value():
+    model = lesson_mlp()
+    with pytest.raises(ValueError, match="every"):
+        Monitor(model, every=0)
+    with pytest.raises(ValueError, match="saturation_threshold"):
+        Monitor(model, saturation_threshold=0.3)
+    with pytest.raises(ValueError, match="bins"):
+        Monitor(model, bins=1)
+    with pytest.raises(TypeError, match="optimizer"):
+        Monitor(model, "sgd")
+    with Monitor(model, every=1) as monitor:
+        with pytest.raises(ValueError, match="step"):
+            monitor.begin_step(-1)
+        monitor.begin_step(0)
+        with pytest.raises(ValueError, match="scalar"):
+            monitor.end_step(torch.zeros(3))
