@@ -16,6 +16,7 @@ VOCAB = 27
 
 def _configs(norm: str, activation: str, n_layers: int, count: int = 3) -> list[ModelConfig]:
     base = ModelConfig(norm=norm, activation=activation, n_layers=n_layers, n_hidden=12, n_embd=4, init="kaiming",
+                       norm_groups=3,
                        bias_scale=0.1, output_weight_scale=0.5)
     return [dataclasses.replace(base, weight_scale=0.5 + i, bn_momentum=0.1 * (i + 1)) for i in range(count)]
 
@@ -26,7 +27,7 @@ def _batch(count: int, batch: int = 16, seed: int = 0) -> tuple[torch.Tensor, to
             torch.randint(0, VOCAB, (count, batch), generator=generator))
 
 
-@pytest.mark.parametrize("norm", ["none", "batch", "layer", "rms"])
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "group", "rms"])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_loss_gradients_and_buffers_equal_autograd_on_separate_models(norm, activation, n_layers):
@@ -77,7 +78,7 @@ def test_round_trip_through_the_stack_keeps_every_tensor():
 
 def test_unsupported_configs_are_named():
     assert stacking_problem(ModelConfig(architecture="wavenet", block_size=8, n_layers=3)) is not None
-    assert "group" in stacking_problem(ModelConfig(norm="group"))
+    assert "residual" in stacking_problem(ModelConfig(residual=True))
     assert stacking_problem(ModelConfig(norm="batch")) is None
     with pytest.raises(ValueError, match="share their architecture"):
         configs = [ModelConfig(n_hidden=8), ModelConfig(n_hidden=9)]

@@ -20,10 +20,10 @@ import torch
 
 from normlab.model import LanguageModel, ModelConfig, build_model
 
-STACKED_NORMS = ("none", "batch", "layer", "rms")
+STACKED_NORMS = ("none", "batch", "layer", "group", "rms")
 # The fields M models must share to be stacked; the rest (init, scales, bn_momentum...) may differ per model.
-SHAPE_FIELDS = ("architecture", "block_size", "n_embd", "n_hidden", "n_layers", "norm", "activation", "residual",
-                "output_norm", "output_bias", "hidden_bias")
+SHAPE_FIELDS = ("architecture", "block_size", "n_embd", "n_hidden", "n_layers", "norm", "norm_groups", "activation",
+                "residual", "output_norm", "output_bias", "hidden_bias")
 
 
 def stacking_problem(config: ModelConfig) -> str | None:
@@ -66,6 +66,7 @@ class StackedMLP:
         self.num_models = len(configs)
         first = configs[0]
         self.norm, self.activation, self.block_size = first.norm, first.activation, first.block_size
+        self.groups = first.norm_groups if first.norm == "group" else 1
         self.embedding = embedding  # (M, V, E)
         self.hidden = hidden
         self.output_weight = output_weight  # (M, H, V)
@@ -172,18 +173,22 @@ class StackedMLP:
         if self.norm == "batch" and not training:
             inv = torch.rsqrt(block.running_var + self.eps)
             return torch.addcmul(block.beta, (h - block.running_mean) * inv, block.gamma), (None, inv)
-        dim = 1 if self.norm == "batch" else 2  # batch statistics over examples; layer statistics over features
-        mean = h.mean(dim, keepdim=True)
+        if self.norm != "batch":  # per example: over the features of each group (LayerNorm: one group)
+            grouped = h.view(*h.shape[:2], self.groups, -1)  # (M, B, G, H/G)
+            mean = grouped.mean(3, keepdim=True)
+            centered = grouped - mean
+            inv = torch.rsqrt(centered.square().mean(3, keepdim=True) + self.eps)
+            return torch.addcmul(block.beta, (centered * inv).view_as(h), block.gamma), ((centered * inv), inv)
+        mean = h.mean(1, keepdim=True)  # per feature: over the examples of the batch
         centered = h - mean
-        var = centered.square().mean(dim, keepdim=True)
+        var = centered.square().mean(1, keepdim=True)
         inv = torch.rsqrt(var + self.eps)
         x_hat = centered * inv
-        if self.norm == "batch":
-            with torch.no_grad():
-                n = h.shape[1]
-                block.running_mean.lerp_(mean, self.bn_momentum)
-                block.running_var.lerp_(var * (n / max(n - 1, 1)), self.bn_momentum)
-                block.num_batches_tracked += 1
+        with torch.no_grad():
+            n = h.shape[1]
+            block.running_mean.lerp_(mean, self.bn_momentum)
+            block.running_var.lerp_(var * (n / max(n - 1, 1)), self.bn_momentum)  # torch tracks the unbiased one
+            block.num_batches_tracked += 1
         return torch.addcmul(block.beta, x_hat, block.gamma), (x_hat, inv)
 
     def forward(self, contexts: torch.Tensor, training: bool = False, *, rows: torch.Tensor | None = None
@@ -257,19 +262,21 @@ class StackedMLP:
             n = h.shape[2]
             d_h = inv * g_dy - h * inv.pow(3) * (g_dy * h).sum(2, keepdim=True) / n
             return d_h, [d_gamma]
+        # dx = invstd/n · (n·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)), the sums over the normalised values
         x_hat, inv = saved
         d_beta = d_y.sum(1, keepdim=True)
-        d_gamma = (d_y * x_hat).sum(1, keepdim=True)
-        dim = 1 if self.norm == "batch" else 2
-        n = x_hat.shape[dim]
-        d_xhat = d_y * block.gamma
-        # dx = invstd/n · (n·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)), sums over the normalised axis
         if self.norm == "batch":
+            d_gamma = (d_y * x_hat).sum(1, keepdim=True)
+            n = x_hat.shape[1]
             sum_dxhat, sum_dxhat_xhat = block.gamma * d_beta, block.gamma * d_gamma
-        else:
-            sum_dxhat, sum_dxhat_xhat = d_xhat.sum(2, keepdim=True), (d_xhat * x_hat).sum(2, keepdim=True)
+            d_h = (inv / n) * (n * (d_y * block.gamma) - sum_dxhat - x_hat * sum_dxhat_xhat)
+            return d_h, [d_gamma, d_beta]
+        d_gamma = (d_y * x_hat.view_as(d_y)).sum(1, keepdim=True)
+        d_xhat = (d_y * block.gamma).view_as(x_hat)  # (M, B, G, H/G)
+        n = x_hat.shape[3]
+        sum_dxhat, sum_dxhat_xhat = d_xhat.sum(3, keepdim=True), (d_xhat * x_hat).sum(3, keepdim=True)
         d_h = (inv / n) * (n * d_xhat - sum_dxhat - x_hat * sum_dxhat_xhat)
-        return d_h, [d_gamma, d_beta]
+        return d_h.view_as(d_y), [d_gamma, d_beta]
 
 
 def stack_like_model(tensors: list[torch.Tensor]) -> torch.Tensor:
