@@ -1,15 +1,16 @@
-"""Benchmark: training wall time with and without ``normlab.diagnostics.Monitor(every=100)``.
+"""Benchmark: training time with and without ``normlab.diagnostics.Monitor(every=100)``, side by side.
 
 The model is a plain ``torch.nn`` twin of the lesson-batchnorm recipe: Embedding(27, 10), flatten 3 positions,
 Linear(30, 200, bias=False), BatchNorm1d(200, momentum=0.001), Tanh, Linear(200, 27); SGD with lr 0.1,
-batch 32, random int tokens of a fixed seed as data. Both variants train in the same process, alternating
-which goes first over ``--repeats`` rounds, on ``--threads`` torch threads (default 1: a tiny model gains
-nothing from more, and on a shared machine more threads make the timings noisy). The minimum wall time of
-each variant is compared (the least disturbed run on a shared machine). Also reports the cost of one
-recording step, from a separate run with ``every=1``. Target: overhead at most 5%. Prints a table and one
-JSON line.
+batch 32, random int tokens of a fixed seed as data. Two identical models train in the same process, one
+without and one with a Monitor, in alternating blocks of ``--block`` steps (the order swapped every block),
+so that a shared machine's changing load hits both alike. Reports wall and CPU time per variant, the overhead
+ratio (target: at most +5%), and the cost of one recording step: the extra time of the monitored variant
+divided by its number of recording steps. Runs on ``--threads`` torch threads (default 1: a tiny model gains
+nothing from more, and on a shared machine more threads make the timings noisy). Prints a table and one JSON
+line.
 
-    python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 100] [--repeats 3]
+    python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 100] [--block 1000]
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,85 +44,100 @@ def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
 
 
-def train(steps: int, every: int | None, seed: int = 0) -> tuple[float, float]:
-    """Train ``steps`` steps (with a Monitor when ``every`` is given); returns (wall seconds, final loss)."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randint(0, VOCAB, (DATA_BATCHES, BATCH, CONTEXT), generator=generator)
-    targets = torch.randint(0, VOCAB, (DATA_BATCHES, BATCH), generator=generator)
-    model, optimizer = build(seed)
-    monitor = Monitor(model, optimizer, every=every) if every is not None else None
-    start = time.perf_counter()
-    for step in range(steps):
-        x, y = inputs[step % DATA_BATCHES], targets[step % DATA_BATCHES]
-        if monitor is not None:
-            monitor.begin_step(step)
-        loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if monitor is not None:
-            monitor.end_step(loss)
-    elapsed = time.perf_counter() - start
-    if monitor is not None:
-        monitor.close()
-    return elapsed, loss.item()
+@dataclass
+class Trainer:
+    """One model under training, optionally monitored, that can run a block of steps and time it."""
+
+    every: int | None
+    seed: int = 0
+    step: int = 0
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    recordings: int = 0
+    data: tuple[torch.Tensor, torch.Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        generator = torch.Generator().manual_seed(self.seed)
+        self.data = (
+            torch.randint(0, VOCAB, (DATA_BATCHES, BATCH, CONTEXT), generator=generator),
+            torch.randint(0, VOCAB, (DATA_BATCHES, BATCH), generator=generator),
+        )
+        self.model, self.optimizer = build(self.seed)
+        self.monitor = Monitor(self.model, self.optimizer, every=self.every) if self.every else None
+
+    def run(self, steps: int) -> None:
+        """Train ``steps`` more steps, adding their wall and CPU time to the totals."""
+        inputs, targets = self.data
+        model, optimizer, monitor = self.model, self.optimizer, self.monitor
+        wall, cpu = time.perf_counter(), time.process_time()
+        for step in range(self.step, self.step + steps):
+            x, y = inputs[step % DATA_BATCHES], targets[step % DATA_BATCHES]
+            if monitor is not None:
+                self.recordings += monitor.begin_step(step)
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if monitor is not None:
+                monitor.end_step(loss)
+        self.wall_s += time.perf_counter() - wall
+        self.cpu_s += time.process_time() - cpu
+        self.step += steps
 
 
 def main() -> None:
     """Run the benchmark and print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20_000)
-    parser.add_argument("--every", type=int, default=100)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--recording-steps", type=int, default=300, help="steps of the every=1 run")
+    parser.add_argument("--steps", type=int, default=20_000, help="training steps of each variant")
+    parser.add_argument("--every", type=int, default=100, help="the monitor records every N steps")
+    parser.add_argument("--block", type=int, default=1000, help="steps per block of the alternation")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noisy)")
     args = parser.parse_args()
-    if min(args.steps, args.every, args.repeats, args.recording_steps, args.threads) < 1:
-        parser.error("--steps, --every, --repeats, --recording-steps and --threads must be >= 1")
+    if min(args.steps, args.every, args.block, args.threads) < 1:
+        parser.error("--steps, --every, --block and --threads must be >= 1")
     torch.set_num_threads(args.threads)
 
-    train(200, None)  # warm-up: allocator, thread pools, first-call costs
-    train(200, 1)
-    plain, monitored = [], []
-    for repeat in range(args.repeats):
-        order = (None, args.every) if repeat % 2 == 0 else (args.every, None)
-        for every in order:
-            (plain if every is None else monitored).append(train(args.steps, every)[0])
-    per_step_plain = min(plain) / args.steps
-    recording, _ = train(args.recording_steps, 1)
-    plain_short, _ = train(args.recording_steps, None)
-    recording_step_ms = (recording - plain_short) / args.recording_steps * 1e3
-    overhead = min(monitored) / min(plain) - 1
+    plain, monitored = Trainer(None), Trainer(args.every)
+    for warm_up in (plain, monitored):  # allocator, thread pools, first-call costs
+        warm_up.run(200)
+        warm_up.wall_s = warm_up.cpu_s = warm_up.recordings = 0
+    blocks = -(-args.steps // args.block)
+    for block in range(blocks):
+        size = min(args.block, args.steps - block * args.block)
+        for trainer in (plain, monitored) if block % 2 == 0 else (monitored, plain):
+            trainer.run(size)
+    monitored.monitor.close()
 
+    wall_overhead = monitored.wall_s / plain.wall_s - 1
+    cpu_overhead = monitored.cpu_s / plain.cpu_s - 1
+    recording_ms = (monitored.wall_s - plain.wall_s) / max(monitored.recordings, 1) * 1e3
+    step_ms = plain.wall_s / args.steps * 1e3
     print(
-        f"lesson-batchnorm twin, {args.steps} steps, batch {BATCH}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads"
+        f"lesson-batchnorm twin (torch.nn), {args.steps} steps per variant in blocks of {args.block}, "
+        f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     )
+    print(f"  no monitor         : wall {plain.wall_s:7.2f} s  cpu {plain.cpu_s:7.2f} s  ({step_ms:.3f} ms/step)")
     print(
-        f"  no monitor        : {', '.join(f'{t:.2f}' for t in plain)} s  (min {min(plain):.2f} s, "
-        f"{per_step_plain * 1e3:.3f} ms/step)"
+        f"  Monitor(every={args.every:<4}): wall {monitored.wall_s:7.2f} s  cpu {monitored.cpu_s:7.2f} s  "
+        f"({monitored.recordings} recording steps)"
     )
-    print(
-        f"  Monitor(every={args.every:<4}): {', '.join(f'{t:.2f}' for t in monitored)} s  "
-        f"(min {min(monitored):.2f} s)"
-    )
-    print(f"  overhead          : {overhead:+.2%} (target <= +5%)")
-    print(f"  one recording step: {recording_step_ms:.2f} ms on top of a {per_step_plain * 1e3:.3f} ms step")
-    print(
-        json.dumps(
-            {
-                "benchmark": "diagnostics_overhead",
-                "steps": args.steps,
-                "every": args.every,
-                "repeats": args.repeats,
-                "plain_s": plain,
-                "monitored_s": monitored,
-                "overhead_ratio": round(overhead, 4),
-                "recording_step_ms": round(recording_step_ms, 3),
-                "plain_step_ms": round(per_step_plain * 1e3, 4),
-            }
-        )
-    )
+    print(f"  overhead           : wall {wall_overhead:+.2%}  cpu {cpu_overhead:+.2%}  (target <= +5%)")
+    print(f"  one recording step : {recording_ms:.2f} ms on top of a {step_ms:.3f} ms step")
+    record = {
+        "benchmark": "diagnostics_overhead",
+        "steps": args.steps,
+        "every": args.every,
+        "block": args.block,
+        "plain_wall_s": round(plain.wall_s, 4),
+        "monitored_wall_s": round(monitored.wall_s, 4),
+        "plain_cpu_s": round(plain.cpu_s, 4),
+        "monitored_cpu_s": round(monitored.cpu_s, 4),
+        "overhead_wall": round(wall_overhead, 4),
+        "overhead_cpu": round(cpu_overhead, 4),
+        "recording_step_ms": round(recording_ms, 3),
+        "plain_step_ms": round(step_ms, 4),
+    }
+    print(json.dumps(record))
 
 
 if __name__ == "__main__":

@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
-from normlab.fast import StackedOptimizer, train_stacked
+from normlab.fast import train_stacked
 from normlab.model import ModelConfig, build_model, get_preset
 from normlab.stacked import StackedMLP
+from normlab.stacked_optim import StackedOptimizer
 from normlab.train import TrainConfig, TrainEvents, make_optimizer, train
 
 VOCAB = 27
@@ -70,8 +71,8 @@ def test_optimizer_state_survives_export_and_import():
     models = stacked.to_models()
     states = [optimizer.state_dict_for(i, make_optimizer(m, c)) for i, (m, c) in enumerate(zip(models, configs))]
     restored = StackedOptimizer(StackedMLP.from_models(models, model_configs).parameters(), configs)
-    restored.load_state_dicts(states)
-    assert restored.steps_taken == 5
+    restored.load_state_dicts(states, 5)
+    assert int(restored.step_count) == 5
     for mine, theirs in zip(restored.buffers, optimizer.buffers):
         for a, b in zip(mine, theirs):
             assert torch.equal(a, b)

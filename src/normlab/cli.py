@@ -93,7 +93,27 @@ def _presets(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from normlab.pipeline import write_report
 
-    print(f"report: {write_report(args.run)}")
+    print(f"report: {write_report(args.run, tensorboard=args.tensorboard)}")
+    if args.tensorboard:
+        print(f"tensorboard: tensorboard --logdir {args.run}")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from normlab.config import config_for_preset
+    from normlab.pipeline import inspect_preset
+
+    config = config_for_preset(args.preset, args.set or [])
+    config.data.path = args.data
+    result = inspect_preset(config, batch_size=args.batch)
+    print(result.table)
+    print(f"\ninitial loss {result.initial_loss:.4f} (a uniform guess over the vocabulary: {result.uniform_loss:.4f})")
+    if result.findings:
+        print("\nfindings:")
+        for finding in result.findings:
+            print(f"- {finding.message} Remedy: {finding.remedy}")
+    else:
+        print("\nno findings: every rule passed")
     return 0
 
 
@@ -140,7 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="rebuild report.html of a run from its stored diagnostics")
     report.add_argument("run")
+    report.add_argument("--tensorboard", action="store_true", help="also export to RUN/tensorboard/")
     report.set_defaults(handler=_report)
+
+    inspect = commands.add_parser("inspect", help="one forward and backward pass of a preset at initialisation")
+    inspect.add_argument("--preset", default="lesson-batchnorm")
+    inspect.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    inspect.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    inspect.add_argument("--batch", type=int, default=256, help="examples in the batch")
+    inspect.set_defaults(handler=_inspect)
     return parser
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
 from normlab.errors import ConfigError, TrainingDiverged
-from normlab.stacked import StackedMLP, per_model_view, unstack_like
+from normlab.stacked import StackedMLP
+from normlab.stacked_optim import StackedOptimizer
 from normlab.train import (
     SYNC_EVERY,
     Interrupted,
@@ -31,114 +33,10 @@ from normlab.train import (
     learning_rate,
 )
 
+CHUNK = int(__import__("os").environ.get("NL_CHUNK", 4))  # steps per compiled call; divides SYNC_EVERY, so chunks never straddle a sync
+COMPILE_MIN_STEPS = 20_000
 SHARED_FIELDS = ("steps", "batch_size", "optimizer", "eval_every", "checkpoint_every", "device")
 SCHEDULE_FIELDS = ("lr", "schedule", "lr_decay_step", "lr_decay_factor", "warmup_steps", "min_lr_factor", "steps")
-
-
-class StackedOptimizer:
-    """SGD (momentum, weight decay) or AdamW over stacked parameters, with per-model hyperparameters.
-
-    The arithmetic is torch.optim's (single-tensor implementations), so each model follows the trajectory that
-    `torch.optim.SGD`/`AdamW` would give it. `state_dict_for(i, model)` exports model i's state in torch's format.
-    """
-
-    def __init__(self, params: list[torch.Tensor], configs: Sequence[TrainConfig]) -> None:
-        self.params = params
-        self.kind = configs[0].optimizer
-        like = params[0]
-        self.configs = list(configs)
-        self.momentum = per_model_view([c.momentum for c in configs], like)
-        self.weight_decay = per_model_view([c.weight_decay for c in configs], like)
-        self.beta1 = per_model_view([c.beta1 for c in configs], like)
-        self.beta2 = per_model_view([c.beta2 for c in configs], like)
-        self.uses_momentum = any(c.momentum for c in configs)
-        self.uses_weight_decay = any(c.weight_decay for c in configs)
-        self.steps_taken = 0  # AdamW's step count (the same for every model and tensor)
-        self.buffers: list[list[torch.Tensor]] = []  # SGD: [momentum]; AdamW: [exp_avg, exp_avg_sq] per tensor
-        self.eps = 1e-8
-
-    def step(self, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
-        """One update of every parameter from its gradient; `lr` is a float or a (M,) tensor."""
-        lr_view = lr if isinstance(lr, float) else lr.view(-1, 1, 1)
-        with torch.no_grad():
-            if self.kind == "sgd":
-                self._sgd(grads, lr_view)
-            else:
-                self._adamw(grads, lr_view)
-
-    def _sgd(self, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
-        first = not self.buffers
-        for index, (param, grad) in enumerate(zip(self.params, grads)):
-            view = self._view(param)
-            if self.uses_weight_decay:
-                grad = grad.addcmul(param, self.weight_decay.view(view))
-            if self.uses_momentum:
-                if first:
-                    self.buffers.append([grad.clone()])
-                else:
-                    self.buffers[index][0].mul_(self.momentum.view(view)).add_(grad)
-                grad = self.buffers[index][0]
-            if isinstance(lr, float):
-                param.add_(grad, alpha=-lr)
-            else:
-                param.addcmul_(grad, lr.view(view), value=-1.0)
-
-    def _adamw(self, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
-        if not self.buffers:
-            self.buffers = [[torch.zeros_like(p), torch.zeros_like(p)] for p in self.params]
-        self.steps_taken += 1
-        t = self.steps_taken
-        correction1 = 1 - self.beta1**t  # (M, 1, 1)
-        correction2_sqrt = torch.sqrt(1 - self.beta2**t)
-        for param, grad, (exp_avg, exp_avg_sq) in zip(self.params, grads, self.buffers):
-            view = self._view(param)
-            lr_v = lr if isinstance(lr, float) else lr.view(view)
-            param.mul_(1 - lr_v * self.weight_decay.view(view))
-            exp_avg.lerp_(grad, 1 - self.beta1.view(view))
-            exp_avg_sq.mul_(self.beta2.view(view)).addcmul_(grad, grad * (1 - self.beta2.view(view)))
-            denom = (exp_avg_sq.sqrt() / correction2_sqrt.view(view)).add_(self.eps)
-            param.addcdiv_(exp_avg * (lr_v / correction1.view(view)), denom, value=-1.0)
-
-    @staticmethod
-    def _view(param: torch.Tensor) -> tuple[int, ...]:
-        return (-1,) + (1,) * (param.dim() - 1)
-
-    def state_dict_for(self, index: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Model `index`'s state in the format of `optimizer` (a torch optimizer over that model's parameters)."""
-        state = optimizer.state_dict()
-        group_params = state["param_groups"][0]["params"]
-        model_params = optimizer.param_groups[0]["params"]
-        new_state: dict[int, dict[str, Any]] = {}
-        for key, like, buffers, stacked in zip(group_params, model_params, self.buffers or [[]] * len(model_params),
-                                               self.params):
-            parts = [b[index].clone() if stacked is self.params[0] else unstack_like(b, index, like).clone()
-                     for b in buffers]
-            if self.kind == "sgd" and parts:
-                new_state[key] = {"momentum_buffer": parts[0]}
-            elif self.kind == "adamw" and parts:
-                new_state[key] = {"step": torch.tensor(float(self.steps_taken)), "exp_avg": parts[0],
-                                  "exp_avg_sq": parts[1]}
-        state["state"] = new_state
-        return state
-
-    def load_state_dicts(self, states: Sequence[dict[str, Any]]) -> None:
-        """Stack the torch-format states of the M models (the inverse of `state_dict_for`)."""
-        per_model = [[s["state"].get(key, {}) for key in s["param_groups"][0]["params"]] for s in states]
-        names = ["momentum_buffer"] if self.kind == "sgd" else ["exp_avg", "exp_avg_sq"]
-        if not per_model[0] or not per_model[0][0]:
-            return  # no state yet (plain SGD, or a run that has not stepped)
-        self.buffers = []
-        for position, param in enumerate(self.params):
-            tensors = []
-            for name in names:
-                values = [model[position][name] for model in per_model]
-                if position == 0:
-                    tensors.append(torch.stack(values).to(param))
-                else:
-                    tensors.append(torch.stack([v.T if v.dim() == 2 else v for v in values]).view_as(param).to(param))
-            self.buffers.append(tensors)
-        if self.kind == "adamw":
-            self.steps_taken = int(per_model[0][0]["step"])
 
 
 def check_lockstep(configs: Sequence[TrainConfig]) -> None:
@@ -147,6 +45,59 @@ def check_lockstep(configs: Sequence[TrainConfig]) -> None:
         values = {getattr(c, name) for c in configs}
         if len(values) > 1:
             raise ConfigError(f"configurations trained at once must share train.{name}; got {sorted(values)}")
+
+
+class Stepper:
+    """Runs training steps of a stacked model and its optimizer: one at a time eagerly, or `CHUNK` at a time
+    through one `torch.compile`d function (fused kernels, a C++ wrapper: far less overhead per step)."""
+
+    def __init__(self, stacked: StackedMLP, optimizer: StackedOptimizer, max_norms: list[float | None],
+                 compile: bool) -> None:
+        self.stacked, self.optimizer = stacked, optimizer
+        self.limits = None
+        if any(m is not None for m in max_norms):
+            self.limits = torch.tensor([math.inf if m is None else m for m in max_norms],
+                                       dtype=stacked.embedding.dtype, device=stacked.embedding.device)
+        self._compiled = None
+        if compile:
+            self._compiled = torch.compile(self._chunk, fullgraph=True, dynamic=False,
+                                           options={"cpp_wrapper": True})
+
+    @property
+    def compiled(self) -> bool:
+        """Whether chunks of steps run compiled."""
+        return self._compiled is not None
+
+    def one(self, rows: torch.Tensor, targets: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+        """One step on rows (M, B, T) and targets (M, B); returns the losses (M,) before the update."""
+        loss, grads = self.stacked.loss_and_gradients(None, targets, rows=rows)
+        if self.limits is not None:
+            _clip_per_model(grads, self.limits)
+        self.optimizer.step(grads, lr)
+        return loss
+
+    def _chunk(self, rows: torch.Tensor, targets: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.one(rows[:, k], targets[:, k], lrs[k]) for k in range(CHUNK)])
+
+    def chunk(self, rows: torch.Tensor, targets: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
+        """`CHUNK` steps on rows (M, CHUNK, B, T), targets (M, CHUNK, B), learning rates (CHUNK, M); returns
+        the losses (CHUNK, M). Compiles on first use; falls back to eager steps if compilation fails."""
+        if self._compiled is not None:
+            try:
+                return self._compiled(rows, targets, lrs)
+            except Exception as error:  # no C++ compiler, an unsupported platform...: eager is always right
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
+                              "training continues uncompiled", RuntimeWarning, stacklevel=2)
+                self._compiled = None
+        return self._chunk(rows, targets, lrs)
+
+
+def should_compile(config: TrainConfig) -> bool:
+    """Whether `train_stacked` compiles its steps: `config.compile`, or when None, for runs long enough to repay
+    the compilation (about 15 s on 2 cores)."""
+    if config.compile is not None:
+        return config.compile
+    return config.steps >= COMPILE_MIN_STEPS
 
 
 def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tensor],
@@ -159,7 +110,8 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
 
     `log(i, row)` receives model i's metrics rows, `checkpoint(step)` is called as in `train.train`. With
     `on_divergence="raise"` a NaN/Inf loss raises `TrainingDiverged`; with "record" the other models go on and
-    the return value maps each diverged model to the step where its loss first became NaN/Inf.
+    the return value maps each diverged model to the step where its loss first became NaN/Inf. Compiled runs
+    (`should_compile`) take steps in chunks of `CHUNK` and stop for Ctrl-C at the end of a chunk.
     """
     for config in configs:
         config.validate()
@@ -169,19 +121,27 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
     count = stacked.num_models
     dtype = stacked.embedding.dtype
     optimizer = optimizer or StackedOptimizer(stacked.parameters(), configs)
+    stepper = Stepper(stacked, optimizer, [c.grad_clip for c in configs], should_compile(first))
     x_train, y_train = train_xy[0].to(device), train_xy[1].to(device)
     subsets = [_eval_subsets(train_xy, val_xy, c) for c in configs]
     same_schedule = len({tuple(getattr(c, f) for f in SCHEDULE_FIELDS) for c in configs}) == 1
     same_batches = len({c.seed for c in configs}) == 1
-    clip = [c.grad_clip for c in configs]
     recent = torch.zeros((SYNC_EVERY, count), device=device)
     diverged: dict[int, int] = {}
     block_length = batch_block_length(first.batch_size)
     bar = _progress_bar(first.steps, start_step, progress)
     started = time.perf_counter()
-    block_index, rows, targets = -1, None, None
+
+    def due(done: int, every: int) -> bool:
+        return done % every == 0 or done == first.steps
+
+    def rates(step: int, n: int) -> torch.Tensor:
+        return torch.tensor([[learning_rate(c, s) for c in configs] for s in range(step, step + n)],
+                            dtype=dtype, device=device)
+
+    block_index, rows, targets, step = -1, None, None, start_step
     with _InterruptFlag() as interrupt:
-        for step in range(start_step, first.steps):
+        while step < first.steps:
             if step // block_length != block_index:  # gather the contexts of a whole block of steps at once
                 block_index = step // block_length
                 seeds = [first.seed] if same_batches else [c.seed for c in configs]
@@ -189,22 +149,25 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
                 index = index.to(device).expand(count, -1, -1)  # (M, L, B)
                 rows, targets = stacked.rows(x_train[index]), y_train[index]  # (M, L, B, T), (M, L, B)
             k = step % block_length
-            if same_schedule:
-                lr: float | torch.Tensor = learning_rate(first, step)
+            chunk = (stepper.compiled and step % CHUNK == 0 and k + CHUNK <= block_length
+                     and step + CHUNK <= first.steps
+                     and not any(due(d, first.eval_every) or due(d, first.checkpoint_every)
+                                 for d in range(step + 1, step + CHUNK)))
+            if chunk:
+                losses = stepper.chunk(rows[:, k:k + CHUNK], targets[:, k:k + CHUNK], rates(step, CHUNK))
+                recent[step % SYNC_EVERY:step % SYNC_EVERY + CHUNK].copy_(losses)
+                step += CHUNK
             else:
-                lr = torch.tensor([learning_rate(c, step) for c in configs], dtype=dtype, device=device)
-            loss, grads = stacked.loss_and_gradients(None, targets[:, k], rows=rows[:, k])
-            if any(c is not None for c in clip):
-                _clip_per_model(grads, clip)
-            optimizer.step(grads, lr)
-            recent[step % SYNC_EVERY].copy_(loss)
-            done = step + 1
-            eval_due = done % first.eval_every == 0 or done == first.steps
-            checkpoint_due = done % first.checkpoint_every == 0 or done == first.steps or interrupt.raised
+                lr = learning_rate(first, step) if same_schedule and not stepper.compiled else rates(step, 1)[0]
+                recent[step % SYNC_EVERY].copy_(stepper.one(rows[:, k], targets[:, k], lr))
+                step += 1
+            done, last = step, step - 1
+            eval_due, checkpoint_due = due(done, first.eval_every), due(done, first.checkpoint_every)
+            checkpoint_due = checkpoint_due or interrupt.raised
             if done % SYNC_EVERY == 0 or eval_due or checkpoint_due:
-                window = recent[: (step % SYNC_EVERY) + 1]
+                window = recent[: (last % SYNC_EVERY) + 1]  # every step since the last multiple of SYNC_EVERY
                 for position, model in (~torch.isfinite(window)).nonzero().tolist():
-                    bad_step = step - step % SYNC_EVERY + position
+                    bad_step = last - last % SYNC_EVERY + position
                     if on_divergence == "raise":
                         raise TrainingDiverged(_divergence_message(bad_step, float(window[position, model]),
                                                                    configs[model]))
@@ -218,9 +181,8 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
                 elapsed = round(time.perf_counter() - started, 3)
                 losses = [evaluate_stacked(stacked, [s[split] for s in subsets]) for split in (0, 1)]
                 for i in range(count):
-                    lr_i = learning_rate(configs[i], step)
-                    log(i, {"step": done, "train_loss": losses[0][i], "val_loss": losses[1][i], "lr": lr_i,
-                            "elapsed_s": elapsed})
+                    log(i, {"step": done, "train_loss": losses[0][i], "val_loss": losses[1][i],
+                            "lr": learning_rate(configs[i], last), "elapsed_s": elapsed})
             if checkpoint_due and checkpoint is not None:
                 checkpoint(done)
             if interrupt.raised:
@@ -232,11 +194,10 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
     return diverged
 
 
-def _clip_per_model(grads: list[torch.Tensor], max_norms: list[float | None]) -> None:
+def _clip_per_model(grads: list[torch.Tensor], limits: torch.Tensor) -> None:
     """torch.nn.utils.clip_grad_norm_ for each model separately: scale its gradients to at most its max norm."""
     squares = sum(g.square().sum(dim=tuple(range(1, g.dim()))) for g in grads)  # (M,)
-    limits = torch.tensor([math.inf if m is None else m for m in max_norms], dtype=squares.dtype)
-    coef = (limits.to(squares.device) / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    coef = (limits / (squares.sqrt() + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(coef.view((-1,) + (1,) * (grad.dim() - 1)))
 

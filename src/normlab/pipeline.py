@@ -15,10 +15,11 @@ from normlab.checkpoint import RunDir
 from normlab.config import RunConfig
 from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits
 from normlab.errors import CheckpointError, DataError
-from normlab.fast import StackedOptimizer, train_stacked
+from normlab.fast import train_stacked
 from normlab.model import LanguageModel, build_model
 from normlab.sample import Diversity, Samples, diversity, sample_words
 from normlab.stacked import StackedMLP, stacking_problem
+from normlab.stacked_optim import StackedOptimizer
 from normlab.train import TrainEvents, calibrate_batchnorm, evaluate, make_optimizer, train
 
 
@@ -135,7 +136,7 @@ def _train_stacked(run: RunDir, model: LanguageModel, splits: Splits, start_step
     if optimizer_state:
         reference_optimizer = make_optimizer(model, config.train)
         run.load_optimizer(reference_optimizer, start_step)
-        optimizer.load_state_dicts([reference_optimizer.state_dict()])
+        optimizer.load_state_dicts([reference_optimizer.state_dict()], start_step)
 
     def checkpoint(step: int) -> None:
         current = stacked.to_models()[0]
@@ -154,11 +155,48 @@ def _monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, every: in
     return Monitor(model, optimizer, every=every)
 
 
-def write_report(run_path: str | Path) -> Path:
-    """Rebuild `report.html` of a run from its stored diagnostics and metrics."""
+def write_report(run_path: str | Path, *, tensorboard: bool = False) -> Path:
+    """Rebuild `report.html` of a run from its stored diagnostics and metrics (and, with `tensorboard`, export
+    them to `RUN/tensorboard/` for `tensorboard --logdir RUN`)."""
+    from normlab.diagnostics import export_tensorboard, load_diagnostics, read_metrics
     from normlab.diagnostics import write_report as write
 
-    return write(Path(run_path))
+    run = RunDir.open(run_path)
+    if tensorboard:
+        if not (run.path / "diagnostics").is_dir():
+            raise CheckpointError(f"{run.path} has no diagnostics to export: train it with --diagnose")
+        export_tensorboard(load_diagnostics(run.path), run.path / "tensorboard",
+                           metrics_rows=read_metrics(run.path / "metrics.jsonl"))
+    return write(run.path)
+
+
+@dataclass
+class Inspection:
+    """One forward and backward pass of a preset at initialisation."""
+
+    table: str
+    findings: list[Any]
+    initial_loss: float
+    uniform_loss: float
+
+
+def inspect_preset(config: RunConfig, batch_size: int = 256) -> Inspection:
+    """Build `config`'s model, run one training-mode forward and backward pass on a batch of training examples
+    (no update) and return the per-layer table and the findings."""
+    import math
+
+    from normlab.diagnostics import find_issues, format_layer_table, inspect_model
+
+    vocab, splits = load_data(config)
+    model = build_model(config.model, len(vocab), seed=config.train.seed)
+    generator = torch.Generator().manual_seed(config.train.seed)
+    x, y = splits.train
+    index = torch.randint(0, len(x), (batch_size,), generator=generator)
+    diagnostics = inspect_model(model, x[index], y[index])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x[index]), y[index]).item()
+    return Inspection(format_layer_table(diagnostics), find_issues(diagnostics, vocab_size=len(vocab)), loss,
+                      math.log(len(vocab)))
 
 
 def _calibrate(run: RunDir, model: torch.nn.Module, splits: Splits) -> dict[str, float]:

@@ -52,7 +52,12 @@ def test_default_selection_is_activations_linear_embedding_and_norm_layers():
 
 @pytest.mark.parametrize(
     ("include", "expected"),
-    [([nn.Tanh], ["4"]), (["Linear"], ["2", "5"]), (["[23]"], ["2", "3"]), (["Tanh", nn.Embedding], ["0", "4"])],
+    [
+        ([nn.Tanh], ["4"]),
+        (["Linear"], ["2", "5"]),
+        (["[23]"], ["2", "3"]),
+        (["Tanh", nn.Embedding], ["0", "4"]),
+    ],
 )
 def test_include_by_type_type_name_or_glob(include, expected):
     assert [name for name, _, _ in select_modules(lesson_mlp(), include=include)] == expected

@@ -1,4 +1,4 @@
-"""The monitor on the kinds of model the issue names: plain MLP, TransformerEncoder, GELU/SiLU/LayerNorm/residual."""
+"""The monitor on each kind of model of the issue: plain MLP, TransformerEncoder, GELU/SiLU/LayerNorm."""
 
 import math
 
@@ -80,14 +80,19 @@ def test_plain_mlp_with_embedding_batchnorm_and_tanh():
     diagnostics = _train(lesson_mlp())
     _assert_complete(diagnostics, ["0", "2", "3", "4", "5"])
     assert [diagnostics.modules[name].type for name in ("0", "2", "3", "4")] == [
-        "Embedding", "Linear", "BatchNorm1d", "Tanh"
+        "Embedding",
+        "Linear",
+        "BatchNorm1d",
+        "Tanh",
     ]
     assert 0 <= diagnostics.value("4", m.ACT_SATURATED, 2) <= 1
 
 
 def test_transformer_encoder_model():
     diagnostics = _train(TinyTransformer())
-    layers = [f"encoder.layers.{i}.{part}" for i in range(2) for part in ("linear1", "linear2", "norm1", "norm2")]
+    layers = [
+        f"encoder.layers.{i}.{part}" for i in range(2) for part in ("linear1", "linear2", "norm1", "norm2")
+    ]
     _assert_complete(diagnostics, ["embedding", "head", *layers])
     # the attention's output projection is called through its weight, never through forward: parameters only
     assert "encoder.layers.0.self_attn.out_proj.weight" in diagnostics.parameters

@@ -34,6 +34,10 @@ def test_records_only_every_n_steps_and_when_forced():
     assert monitor.diagnostics.steps() == [0, 3, 6, 7]
 
 
+def _optimizer_hooks(optimizer):
+    return len(optimizer._optimizer_step_pre_hooks) + len(optimizer._optimizer_step_post_hooks)
+
+
 def test_off_steps_run_with_no_hooks_at_all():
     model = lesson_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -41,24 +45,28 @@ def test_off_steps_run_with_no_hooks_at_all():
     with Monitor(model, optimizer, every=10) as monitor:
         assert monitor.begin_step(3) is False
         assert count_forward_hooks(model) == unmonitored == 0
+        assert _optimizer_hooks(optimizer) == 0
         monitor.end_step()
         assert monitor.begin_step(10) is True
         assert count_forward_hooks(model) == 5  # one per selected module, while recording
+        assert _optimizer_hooks(optimizer) == 2  # around optimizer.step(), while recording
         train_step(model, optimizer, None, 10, *batch())
         monitor.end_step()
-        assert count_forward_hooks(model) == 0
+        assert count_forward_hooks(model) == 0 and _optimizer_hooks(optimizer) == 0
 
 
 def test_close_removes_every_hook_from_model_and_optimizer():
     model = lesson_mlp()
     optimizer = torch.optim.Adam(model.parameters())
     monitor = Monitor(model, optimizer, every=1)
-    assert len(optimizer._optimizer_step_pre_hooks) == len(optimizer._optimizer_step_post_hooks) == 1
-    monitor.begin_step(0)  # closed in the middle of a recording step
-    model(batch()[0])
+    monitor.begin_step(0)  # closed in the middle of a recording step, after the forward pass
+    loss = F.cross_entropy(model(batch()[0]), batch()[1])
+    assert count_forward_hooks(model) == 5 and _optimizer_hooks(optimizer) == 2
     monitor.close()
-    assert count_forward_hooks(model) == 0
+    assert count_forward_hooks(model) == 0 and _optimizer_hooks(optimizer) == 0
     assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    loss.backward()  # the tensor hooks on recorded outputs are gone too: nothing is recorded
+    assert monitor.diagnostics.is_empty
     with pytest.raises(RuntimeError, match="closed"):
         monitor.begin_step(1)
 
@@ -90,7 +98,9 @@ def test_gradient_of_a_layer_output_matches_autograd():
     hidden.retain_grad()
     F.cross_entropy(reference[5](hidden), targets).backward()
     assert monitor.diagnostics.value("4", m.GRAD_STD, 0) == pytest.approx(_std(hidden.grad), rel=1e-5)
-    assert monitor.diagnostics.value("4", m.GRAD_MEAN, 0) == pytest.approx(hidden.grad.mean().item(), abs=1e-9)
+    assert monitor.diagnostics.value("4", m.GRAD_MEAN, 0) == pytest.approx(
+        hidden.grad.mean().item(), abs=1e-9
+    )
 
 
 def test_parameter_statistics_and_gradient_norms_match_torch():
@@ -170,7 +180,9 @@ def test_a_module_called_twice_is_recorded_once_per_call():
         model(inputs).sum().backward()
         monitor.end_step()
     diagnostics = monitor.diagnostics
-    assert diagnostics.value("act", m.ACT_MEAN, 0) == pytest.approx(torch.tanh(inputs).mean().item(), abs=1e-6)
+    assert diagnostics.value("act", m.ACT_MEAN, 0) == pytest.approx(
+        torch.tanh(inputs).mean().item(), abs=1e-6
+    )
     assert diagnostics.layers(m.ACT_MEAN) == ["act", "linear", "act#1"]  # forward order
 
 
@@ -179,7 +191,9 @@ def test_without_an_optimizer_parameters_are_read_at_end_step():
     with Monitor(model, every=1) as monitor:
         train_step(model, None, monitor, 0, *batch())
     diagnostics = monitor.diagnostics
-    assert diagnostics.value("2.weight", m.PARAM_GRAD_STD, 0) == pytest.approx(_std(model[2].weight.grad), rel=1e-5)
+    assert diagnostics.value("2.weight", m.PARAM_GRAD_STD, 0) == pytest.approx(
+        _std(model[2].weight.grad), rel=1e-5
+    )
     assert diagnostics.layers(m.UPDATE_TO_DATA) == []
     assert diagnostics.layers(m.LEARNING_RATE) == []
 

@@ -24,7 +24,9 @@ def _record(steps, every=1, seed=0):
 
 def _assert_equal(loaded: Diagnostics, original: Diagnostics):
     # repr, so that NaN equals NaN and -0.0 differs from 0.0
-    assert [(*row[:3], repr(row[3])) for row in loaded.rows()] == [(*row[:3], repr(row[3])) for row in original.rows()]
+    assert [(*row[:3], repr(row[3])) for row in loaded.rows()] == [
+        (*row[:3], repr(row[3])) for row in original.rows()
+    ]
     assert loaded.settings == original.settings
     assert loaded.modules == original.modules
     assert loaded.parameters == original.parameters
@@ -42,7 +44,9 @@ def test_round_trip_keeps_every_row_and_histogram(tmp_path):
     assert directory == tmp_path / "diagnostics"
     _assert_equal(load_diagnostics(tmp_path), monitor.diagnostics)
     assert sorted(path.name for path in directory.iterdir()) == [
-        "histograms.safetensors", "layers.json", "scalars.csv"
+        "histograms.safetensors",
+        "layers.json",
+        "scalars.csv",
     ]  # and no temporary file left behind
 
 

@@ -17,6 +17,7 @@ from normlab.diagnostics import metrics as m
 from normlab.diagnostics.stats import (
     Segments,
     dead_fraction,
+    finish_histogram,
     make_segments,
     moments_from_sums,
     saturated_fraction,
@@ -68,7 +69,9 @@ class _Packer:
         self.size = 0
 
     def add(self, key: str, tensor: torch.Tensor) -> None:
-        flat = tensor.detach().reshape(-1).to(device=self.device, dtype=self.dtype)
+        flat = tensor.reshape(-1)  # torch.cat in fetch promotes every part to the widest dtype
+        if flat.device != self.device:
+            flat = flat.to(self.device)
         self.slices[key] = slice(self.size, self.size + flat.numel())
         self.size += flat.numel()
         self.parts.append(flat)
@@ -76,7 +79,7 @@ class _Packer:
     def fetch(self) -> dict[str, np.ndarray]:
         if not self.parts:
             return {}
-        host = torch.cat(self.parts).cpu().numpy()  # the one device-to-host copy of the step
+        host = torch.cat(self.parts).to(self.dtype).cpu().numpy()  # the one device-to-host copy of the step
         return {key: host[where] for key, where in self.slices.items()}
 
 
@@ -142,7 +145,10 @@ def summarise(
     labels: list[tuple[str, str]] = []
     lengths: list[int] = []
     for number, group in enumerate(_groups(pieces)):
-        values = torch.cat([piece.tensor.to(device=device, dtype=torch.float32) for piece in group])
+        values = torch.cat(
+            [piece.tensor if piece.tensor.device == device else piece.tensor.to(device) for piece in group]
+        )
+        values = values if values.dtype == torch.float32 else values.float()
         group_lengths = [n for piece in group for n in piece.numels]
         segments = _segments(group_lengths, device, cache)
         packer.add(f"sums{number}", segment_sums(values, segments).T)
@@ -177,7 +183,7 @@ def summarise(
         sums = np.concatenate([host[key].reshape(-1, 2) for key in host if key.startswith("sums")])
         rows = [host[key].reshape(-1, bins + 2) for key in host if key.startswith("histogram")]
         histograms = np.concatenate(rows) if rows else np.zeros((0, bins + 2))
-        _add_statistics(diagnostics, step, labels, moments_from_sums(sums.T, lengths), histograms)
+        _add_statistics(diagnostics, step, labels, lengths, sums, histograms)
 
 
 _NAMES = {
@@ -192,13 +198,18 @@ def _add_statistics(
     diagnostics: Diagnostics,
     step: int,
     labels: list[tuple[str, str]],
-    summaries: np.ndarray,
+    lengths: list[int],
+    sums: np.ndarray,
     histograms: np.ndarray,
 ) -> None:
     parameter_std: dict[str, float] = {}
     squared_grad_norm = None
-    for index, (layer, kind) in enumerate(labels):
-        mean, std, norm, nonfinite = (float(value) for value in summaries[index])
+    all_counts = np.rint(histograms[:, 2:]).astype(np.int64)
+    ranges = histograms[:, :2].tolist()
+    for index, ((layer, kind), count, (total, total_of_squares)) in enumerate(
+        zip(labels, lengths, sums.tolist(), strict=True)
+    ):
+        mean, std, norm, nonfinite = moments_from_sums(total, total_of_squares, count)
         if kind == UPDATE:
             diagnostics.add_scalar(step, layer, m.UPDATE_TO_DATA, _ratio(std, parameter_std[layer]))
             continue
@@ -206,9 +217,9 @@ def _add_statistics(
         diagnostics.add_scalar(step, layer, mean_name, mean)
         diagnostics.add_scalar(step, layer, std_name, std)
         diagnostics.add_scalar(step, layer, nonfinite_name, nonfinite)
-        row = histograms[index]
-        counts = row[2:].round().astype(np.int64)
-        diagnostics.add_histogram(step, layer, kind, Histogram(counts, float(row[0]), float(row[1])))
+        diagnostics.add_histogram(
+            step, layer, kind, Histogram(*finish_histogram(all_counts[index], *ranges[index]))
+        )
         if kind == m.HIST_PARAM:
             parameter_std[layer] = std
         elif kind == m.HIST_PARAM_GRAD:

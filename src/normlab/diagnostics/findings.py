@@ -222,7 +222,7 @@ def _gradient_flow(diagnostics: Diagnostics) -> list[Finding]:
         if ratio < 1 / GRADIENT_CHANGE_LIMIT:
             rule, change, verb, remedy = (
                 "vanishing-gradients",
-                f"{1 / ratio:.0f}x smaller",
+                f"{1 / ratio:.0f}x smaller" if ratio > 0 else "zero, infinitely smaller",
                 "vanish",
                 _VANISHING_REMEDY,
             )
@@ -247,28 +247,32 @@ def _gradient_flow(diagnostics: Diagnostics) -> list[Finding]:
 
 
 def _non_finite(diagnostics: Diagnostics) -> list[Finding]:
-    hits: list[tuple[int, tuple, str, str]] = []
-    steps, losses = diagnostics.series(m.GLOBAL, m.LOSS)
-    rank = diagnostics.layer_rank(m.GLOBAL)
-    hits += [(int(step), rank, m.GLOBAL, "the loss") for step in steps[~np.isfinite(losses)]]
-    for metric, what in (
+    # (step, phase, rank, layer, description): sorted, the first hit is where the damage shows first, in the
+    # order a step computes things: forward outputs, then parameters, the loss, the backward pass
+    hits: list[tuple[int, int, tuple, str, str]] = []
+    phases = (
         (m.ACT_NONFINITE, "the output of"),
-        (m.GRAD_NONFINITE, "the gradient of the output of"),
         (m.PARAM_NONFINITE, "the values of"),
+        (m.LOSS, "the loss"),
+        (m.GRAD_NONFINITE, "the gradient of the output of"),
         (m.PARAM_GRAD_NONFINITE, "the gradient of"),
-    ):
+    )
+    for phase, (metric, what) in enumerate(phases):
         for layer in diagnostics.layers(metric):
-            steps, flags = diagnostics.series(layer, metric)
+            steps, values = diagnostics.series(layer, metric)
+            bad = ~np.isfinite(values) if metric == m.LOSS else values > 0
             rank = diagnostics.layer_rank(layer)
-            hits += [(int(step), rank, layer, f"{what} {layer!r}") for step in steps[flags > 0]]
+            place = f"{what} {layer!r}" if layer else what
+            hits += [(int(step), phase, rank, layer, place) for step in steps[bad]]
     if not hits:
         return []
-    step = min(hit[0] for hit in hits)
-    at_step = sorted(hit for hit in hits if hit[0] == step)
-    places = ", ".join(hit[3] for hit in at_step[:5]) + (", ..." if len(at_step) > 5 else "")
+    hits.sort()
+    step = hits[0][0]
+    at_step = [hit for hit in hits if hit[0] == step]
+    places = ", ".join(hit[4] for hit in at_step[:5]) + (", ..." if len(at_step) > 5 else "")
     message = f"NaN or Inf first appears at step {step}, in {places} ({len(hits)} occurrences over the run)."
     remedy = (
         "Lower the learning rate, clip gradients, and check the inputs and any log, division or exp "
-        "in the model; the first layer listed is where the damage started in the forward pass."
+        "in the model; the first place listed is where the damage shows first in the step."
     )
-    return [Finding("non-finite", ERROR, step, at_step[0][2], message, remedy)]
+    return [Finding("non-finite", ERROR, step, hits[0][3], message, remedy)]

@@ -11,8 +11,8 @@ Protocol in a training loop::
             monitor.end_step(loss)            # statistics of the whole step, one device-to-host copy
         monitor.save(run_dir)
 
-Forward hooks exist only between ``begin_step`` and ``end_step`` of a recording step, so every other step runs
-exactly the code of an unmonitored model; the optimizer hooks stay registered but return at once.
+Every hook (forward, tensor and optimizer hooks) exists only between ``begin_step`` and ``end_step`` of a
+recording step, so every other step runs exactly the code of an unmonitored model.
 """
 
 from __future__ import annotations
@@ -35,9 +35,14 @@ ROOT = "(root)"
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    # torch.cat always allocates, so this is also a snapshot that a later in-place update cannot touch
+    """One float32 vector of all ``tensors``, on the first one's device.
+
+    torch.cat always allocates, so this is also a snapshot that a later in-place update cannot touch.
+    """
     device = tensors[0].device
-    return torch.cat([t.detach().reshape(-1).to(device=device, dtype=torch.float32) for t in tensors])
+    with torch.no_grad():
+        flat = torch.cat([t.reshape(-1) if t.device == device else t.reshape(-1).to(device) for t in tensors])
+    return flat if flat.dtype == torch.float32 else flat.float()
 
 
 class Monitor:
@@ -104,12 +109,7 @@ class Monitor:
                     )
                     self._parameters.append((full, parameter))
         self._optimizer = optimizer
-        self._optimizer_handles: list[RemovableHandle] = []
-        if optimizer is not None:
-            self._optimizer_handles.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
-            self._optimizer_handles.append(optimizer.register_step_post_hook(self._after_optimizer_step))
-        self._forward_handles: list[RemovableHandle] = []
-        self._tensor_handles: list[RemovableHandle] = []
+        self._handles: list[RemovableHandle] = []  # every hook of the current recording step
         self._capture: Capture | None = None
         self._step = 0
         self._calls: dict[str, int] = {}
@@ -139,7 +139,10 @@ class Monitor:
         self._capture = Capture()
         self._calls = {}
         for name, module in self._modules:
-            self._forward_handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+            self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+        if self._optimizer is not None:
+            self._handles.append(self._optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._handles.append(self._optimizer.register_step_post_hook(self._after_optimizer_step))
         return True
 
     def end_step(self, loss: torch.Tensor | float | None = None) -> None:
@@ -178,9 +181,6 @@ class Monitor:
     def close(self) -> None:
         """Remove every hook this monitor registered. Recorded diagnostics stay available."""
         self._disarm()
-        for handle in self._optimizer_handles:
-            handle.remove()
-        self._optimizer_handles.clear()
         self._closed = True
 
     def __enter__(self) -> Monitor:
@@ -190,10 +190,9 @@ class Monitor:
         self.close()
 
     def _disarm(self) -> None:
-        for handle in self._forward_handles + self._tensor_handles:
+        for handle in self._handles:
             handle.remove()
-        self._forward_handles.clear()
-        self._tensor_handles.clear()
+        self._handles.clear()
         self._capture = None
 
     def _module_key(self, name: str) -> str:
@@ -215,7 +214,7 @@ class Monitor:
         # a copy, because a later in-place op (ReLU(inplace=True), x += ...) may overwrite the output
         self._capture.activations.append((key, output.detach().clone()))
         if output.requires_grad:
-            self._tensor_handles.append(output.register_hook(partial(self._on_output_grad, key)))
+            self._handles.append(output.register_hook(partial(self._on_output_grad, key)))
 
     def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
         if self._capture is not None:

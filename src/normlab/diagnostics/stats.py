@@ -2,7 +2,8 @@
 
 The ``segment_*`` functions and :func:`saturated_fraction` / :func:`dead_fraction` return tensors on the
 input's device and never read anything back to the host, so a monitor can compute everything of a training
-step and copy the results to the host once; :func:`moments_from_sums` then finishes on the host, in numpy.
+step and copy the results to the host once; :func:`moments_from_sums` and :func:`finish_histogram` then
+finish on the host, per segment.
 
 Several tensors are summarised together by flattening them into one vector and describing its layout with
 :class:`Segments` (one segment per original tensor): a handful of vectorised operations then replace a loop
@@ -16,6 +17,7 @@ equal-width bins over ``[lo, hi]``, the minimum and maximum of the tensor; the l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +42,7 @@ class Segments:
     lengths: tuple[int, ...]
     ids: torch.Tensor
     counts: torch.Tensor
-    _offsets: dict = field(default_factory=dict, compare=False, repr=False)
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def count(self) -> int:
@@ -48,14 +50,18 @@ class Segments:
         return len(self.lengths)
 
     def prefix(self, count: int) -> Segments:
-        """The layout of the first ``count`` segments only (views, no copy)."""
-        return Segments(self.lengths[:count], self.ids[: sum(self.lengths[:count])], self.counts[:count])
+        """The layout of the first ``count`` segments only (views, no copy); cached."""
+        key = ("prefix", count)
+        if key not in self._cache:
+            ids = self.ids[: sum(self.lengths[:count])]
+            self._cache[key] = Segments(self.lengths[:count], ids, self.counts[:count])
+        return self._cache[key]
 
     def bin_offsets(self, stride: int) -> torch.Tensor:
         """``ids * stride``: where each element's segment starts in a flat (segment, bin) table; cached."""
-        if stride not in self._offsets:
-            self._offsets[stride] = self.ids * stride
-        return self._offsets[stride]
+        if stride not in self._cache:
+            self._cache[stride] = (self.ids * stride).int()
+        return self._cache[stride]
 
 
 def make_segments(lengths: Sequence[int], device: torch.device | str = "cpu") -> Segments:
@@ -87,70 +93,76 @@ def _wide(device: torch.device) -> torch.dtype:
 def segment_sums(values: torch.Tensor, segments: Segments) -> torch.Tensor:
     """Sum and sum of squares of each segment, accumulated in float64: shape ``(2, segments.count)``.
 
-    Turn them into moments on the host with :func:`moments_from_sums`.
+    Turn them into moments on the host with :func:`moments_from_sums`, one segment at a time.
     """
-    wide = values.to(_wide(values.device))
-    # x then x**2 in one vector, so one segmented reduction gives both; unsafe=True skips a validation that
-    # would read the lengths back to the host
-    both = torch.cat([wide, wide * wide])
-    sums = torch.segment_reduce(both, "sum", lengths=segments.counts.repeat(2), unsafe=True)
-    return sums.view(2, segments.count)
+    wide = values.to(_wide(values.device), copy=True)  # a copy: it is squared in place below
+    # unsafe=True skips a validation that would read the lengths back to the host
+    total = torch.segment_reduce(wide, "sum", lengths=segments.counts, unsafe=True)
+    total_of_squares = torch.segment_reduce(wide.square_(), "sum", lengths=segments.counts, unsafe=True)
+    return torch.stack([total, total_of_squares])
 
 
-def moments_from_sums(sums: np.ndarray, lengths: Sequence[int]) -> np.ndarray:
-    """Mean, std, L2 norm and non-finite flag per segment from :func:`segment_sums`: shape ``(S, 4)``.
+def moments_from_sums(total: float, total_of_squares: float, count: int) -> tuple[float, float, float, float]:
+    """Mean, std, L2 norm and non-finite flag of a segment from its :func:`segment_sums` (on the host).
 
-    Columns as in :data:`SUMMARY_COLUMNS`. Computed as ``var = (sum(x**2) - sum(x) * mean) / (n - 1)`` in
-    float64, which is accurate for float32 data unless ``|mean| / std`` exceeds about 1e6. The flag is 1 when
-    the segment held any NaN or Inf (its sums are then not finite), and mean, std and norm are then not
-    finite either: the damage stays visible. An empty segment has NaN mean and std.
+    ``var = (sum(x**2) - sum(x) * mean) / (count - 1)`` in float64 is accurate for float32 data unless
+    ``|mean| / std`` exceeds about 1e6. The flag is 1.0 when the segment held any NaN or Inf (its sums are
+    then not finite), and mean, std and norm are then not finite either: the damage stays visible. An empty
+    segment has NaN mean and std.
     """
-    total, total_of_squares = np.asarray(sums, dtype=np.float64)
-    count = np.asarray(lengths, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mean = total / count
-        squared_deviation = np.maximum(total_of_squares - total * mean, 0.0)
-        std = np.sqrt(squared_deviation / np.where(count > 1, count - 1, count))
-        std = np.where(np.isfinite(total_of_squares), std, np.nan)
-    nonfinite = ~(np.isfinite(total) & np.isfinite(total_of_squares))
-    return np.stack([mean, std, np.sqrt(total_of_squares), nonfinite.astype(np.float64)], axis=1)
+    if not (math.isfinite(total) and math.isfinite(total_of_squares)):
+        return total / max(count, 1), math.nan, math.sqrt(total_of_squares), 1.0
+    if count == 0:
+        return math.nan, math.nan, 0.0, 0.0
+    mean = total / count
+    squared_deviation = max(total_of_squares - total * mean, 0.0)
+    return mean, math.sqrt(squared_deviation / max(count - 1, 1)), math.sqrt(total_of_squares), 0.0
 
 
 def segment_histograms(
     values: torch.Tensor, segments: Segments, bins: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Equal-width histogram of each segment over its own range, without host sync.
+    """Raw equal-width histogram of each segment over its own ``[min, max]``, without host sync.
 
-    Returns ``counts`` of shape ``(segments.count, bins)`` (float32, exact below 2**24 per bin) and
-    ``ranges`` of shape ``(segments.count, 2)`` holding ``(lo, hi)``, the segment's minimum and maximum.
-    Bin ``k`` covers ``[lo + k w, lo + (k+1) w)`` with ``w = (hi - lo) / bins``; the last bin also holds
-    ``hi``. A value on an inner edge may fall into either neighbour within float rounding. A constant
-    segment gets the range ``(c - 0.5, c + 0.5)``. An empty segment, or one holding NaN or Inf, gets
-    ``(-0.5, 0.5)`` and zero counts (its non-finite flag from :func:`moments_from_sums` says why).
+    Returns ``counts`` of shape ``(segments.count, bins)`` (float32, exact below 2**24 per bin) and ``ranges``
+    of shape ``(segments.count, 2)`` holding each segment's ``(min, max)``. Bin ``k`` covers
+    ``[lo + k w, lo + (k+1) w)`` with ``w = (hi - lo) / bins``; the last bin also holds ``hi``, as in
+    ``numpy.histogram``. A value within about 1e-5 of a bin width of an inner edge may fall into either
+    neighbour (positions are computed in the input's precision). Finish each row on the host with
+    :func:`finish_histogram`, which handles constant, empty and non-finite segments.
     """
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
-    wide = _wide(values.device)
-    lo = torch.full((segments.count,), float("inf"), device=values.device)
-    hi = torch.full((segments.count,), float("-inf"), device=values.device)
-    lo = lo.scatter_reduce_(0, segments.ids, values, reduce="amin").to(wide)  # NaN propagates
-    hi = hi.scatter_reduce_(0, segments.ids, values, reduce="amax").to(wide)
-    usable = torch.isfinite(lo) & torch.isfinite(hi)
-    pad = (hi == lo).to(wide) * 0.5  # a constant c gets the range (c - 0.5, c + 0.5)
-    lo = torch.where(usable, lo - pad, -0.5)
-    hi = torch.where(usable, hi + pad, 0.5)
-    scale = torch.where(usable, bins / (hi - lo), 0.0)
-    shift = -lo * scale
-    # position in bin units: lo -> 0, hi -> bins (up to rounding). Truncating toward zero sends the rounding
-    # residue below lo to bin 0, position `bins` goes to an extra bin per segment folded into the last one,
-    # and NaN/Inf (present only in unusable segments, whose counts are dropped) to 0 of their own segment.
-    position = torch.addcmul(
-        shift.index_select(0, segments.ids), values.to(wide), scale.index_select(0, segments.ids)
-    )
-    index = position.nan_to_num_(0.0, 0.0, 0.0).long() + segments.bin_offsets(bins + 1)
-    table = _count(index, segments.count * (bins + 1)).view(segments.count, bins + 1)
-    counts = torch.cat([table[:, : bins - 1], table[:, bins - 1 : bins] + table[:, bins:]], dim=1)
-    return counts * usable.unsqueeze(1), torch.stack([lo, hi], dim=1)
+    lo = torch.full((segments.count,), float("inf"), dtype=values.dtype, device=values.device)
+    hi = torch.full((segments.count,), float("-inf"), dtype=values.dtype, device=values.device)
+    lo = lo.scatter_reduce_(0, segments.ids, values, reduce="amin")  # NaN propagates
+    hi = hi.scatter_reduce_(0, segments.ids, values, reduce="amax")
+    # rounded up, so that a value exactly on an edge (x - lo exact) lands in the bin above it, as in numpy;
+    # inf for a constant segment, 0 or NaN for one holding Inf or NaN: their positions all become 0 below
+    scale = bins / (hi - lo)
+    scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+    # position in bin units, lo -> 0 and hi -> bins; the clamp keeps hi in the last bin. In place where
+    # possible: large temporaries are costly on CPU.
+    position = (values - lo.index_select(0, segments.ids)).mul_(scale.index_select(0, segments.ids))
+    index = position.nan_to_num_(0.0, 0.0, 0.0).clamp_(0, bins - 0.5).int().add_(segments.bin_offsets(bins))
+    counts = _count(index, segments.count * bins).view(segments.count, bins)
+    return counts, torch.stack([lo, hi], dim=1)
+
+
+def finish_histogram(counts: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, float, float]:
+    """Apply the conventions to one raw row of :func:`segment_histograms` (on the host).
+
+    A constant segment ``c`` gets the range ``(c - 0.5, c + 0.5)`` with all its values in the middle bin. An
+    empty segment, or one holding NaN or Inf (its range is then not finite), gets ``(-0.5, 0.5)`` and zero
+    counts: its non-finite flag from :func:`moments_from_sums` says why.
+    """
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return np.zeros_like(counts), -0.5, 0.5
+    if lo == hi:
+        centred = np.zeros_like(counts)
+        centred[len(counts) // 2] = counts.sum()
+        return centred, lo - 0.5, hi + 0.5
+    return counts, lo, hi
 
 
 def _count(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -167,20 +179,22 @@ def _scatter_count(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.zeros(size, device=index.device).index_add_(0, index, ones)
 
 
-def summary(tensor: torch.Tensor) -> np.ndarray:
-    """Mean, std, norm and non-finite flag of one tensor, on the host: shape ``(4,)``.
+def summary(tensor: torch.Tensor) -> tuple[float, float, float, float]:
+    """Mean, std, norm and non-finite flag of one tensor, on the host; see :func:`moments_from_sums`.
 
-    A convenience for a single tensor (it copies to the host); see :func:`moments_from_sums`.
+    A convenience for a single tensor (it copies to the host).
     """
     values, segments = concat([tensor])
-    return moments_from_sums(segment_sums(values, segments).cpu().numpy(), segments.lengths)[0]
+    total, total_of_squares = segment_sums(values, segments).cpu()[:, 0].tolist()
+    return moments_from_sums(total, total_of_squares, tensor.numel())
 
 
-def histogram(tensor: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Histogram of one tensor: ``(counts (bins,), range (2,))``; see :func:`segment_histograms`."""
+def histogram(tensor: torch.Tensor, bins: int) -> tuple[np.ndarray, float, float]:
+    """Finished histogram of one tensor on the host: ``(counts, lo, hi)``; see :func:`segment_histograms`."""
     values, segments = concat([tensor])
     counts, ranges = segment_histograms(values, segments, bins)
-    return counts[0], ranges[0]
+    lo, hi = ranges[0].tolist()
+    return finish_histogram(counts[0].cpu().numpy().astype(np.int64), lo, hi)
 
 
 def saturated_fraction(tensor: torch.Tensor, threshold: float, bound: str) -> torch.Tensor:

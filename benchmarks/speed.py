@@ -1,0 +1,226 @@
+"""Speed benchmark: normlab against the plain PyTorch loop, side by side in one run.
+
+Sections (all by default):
+  single   the lesson-batchnorm recipe at batch 32: plain loop vs normlab's fast path (and the reference path);
+           steps/s, examples/s, final val loss. Target: fast ≥ 3x plain steps/s, |Δ val| ≤ 0.01.
+  stacked  M = 32 configurations in lockstep vs the plain loop one after another. Target: ≥ 10x throughput.
+  target   the `fast` preset's wall time to val loss ≤ 2.10 vs the plain loop's full 200,000-step recipe (the
+           `single` section's time). Target: ≤ 1/5. Meaningful with --data ../shared/anchors/names.txt.
+  scaling  steps/s, examples/s and peak memory over batch sizes and depths, plain vs normlab.
+Prints a table per section and one JSON line at the end.
+
+    python benchmarks/speed.py --data ../shared/anchors/names.txt
+    python benchmarks/speed.py --sections single stacked --steps 20000
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import multiprocessing
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plain_loop import plain_evaluate, plain_model, plain_train  # noqa: E402
+
+from normlab.config import config_for_preset  # noqa: E402
+from normlab.fast import train_stacked  # noqa: E402
+from normlab.model import build_model  # noqa: E402
+from normlab.pipeline import load_data  # noqa: E402
+from normlab.stacked import StackedMLP  # noqa: E402
+from normlab.train import evaluate, train  # noqa: E402
+
+TARGET_VAL = 2.10
+
+
+def _splits(data: str | None, block_size: int = 3):
+    config = config_for_preset("lesson-batchnorm", [f"block_size={block_size}"])
+    config.data.path = data
+    return load_data(config)
+
+
+def _normlab_fast(data: str | None, steps: int, batch: int = 32, count: int = 1, compile: bool | None = None,
+                  n_layers: int = 1, device: str = "cpu") -> dict:
+    """Train `count` lesson-batchnorm models in lockstep on the fast path; wall time excludes compilation
+    (timed separately by a warm-up run of the same shapes)."""
+    vocab, splits = _splits(data)
+    settings = [f"steps={steps}", f"batch_size={batch}", f"eval_every={steps}", f"checkpoint_every={steps}",
+                f"n_layers={n_layers}", f"device={device}"]
+    config = config_for_preset("lesson-batchnorm", settings)
+    configs = [dataclasses.replace(config.train, seed=seed, compile=compile) for seed in range(count)]
+    result = {}
+    if compile or (compile is None and steps >= 20_000):
+        warm = [dataclasses.replace(c, steps=40, eval_every=40, checkpoint_every=40, compile=True) for c in configs]
+        started = time.perf_counter()
+        train_stacked(StackedMLP.build([config.model] * count, len(vocab), range(count), device), splits.train,
+                      splits.val, warm, progress=False)
+        result["compile_s"] = time.perf_counter() - started
+    stacked = StackedMLP.build([config.model] * count, len(vocab), range(count), device)
+    started = time.perf_counter()
+    train_stacked(stacked, splits.train, splits.val, configs, progress=False)
+    seconds = time.perf_counter() - started
+    result.update(seconds=seconds, steps_per_s=steps / seconds, examples_per_s=steps * batch * count / seconds)
+    if count == 1:
+        result["val"] = evaluate(stacked.to_models()[0], *splits.val)
+    return result
+
+
+def _plain(data: str | None, steps: int, batch: int = 32, n_layers: int = 1, device: str = "cpu") -> dict:
+    vocab, splits = _splits(data)
+    model = plain_model(len(vocab), n_layers=n_layers)
+    seconds = plain_train(model, *splits.train, steps=steps, batch_size=batch, device=device)
+    return {"seconds": seconds, "steps_per_s": steps / seconds, "examples_per_s": steps * batch / seconds,
+            "val": plain_evaluate(model, *splits.val, device=device)}
+
+
+def _normlab_reference(data: str | None, steps: int) -> dict:
+    vocab, splits = _splits(data)
+    config = config_for_preset("lesson-batchnorm", [f"steps={steps}", f"eval_every={steps}",
+                                                     f"checkpoint_every={steps}"])
+    model = build_model(config.model, len(vocab))
+    started = time.perf_counter()
+    train(model, splits.train, splits.val, config.train, progress=False)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "steps_per_s": steps / seconds, "examples_per_s": steps * 32 / seconds}
+
+
+def section_single(args: argparse.Namespace) -> dict:
+    """Plain loop vs fast path on the full recipe; the reference path on a tenth of it."""
+    plain = _plain(args.data, args.steps, device=args.device)
+    fast = _normlab_fast(args.data, args.steps, device=args.device)
+    reference = _normlab_reference(args.data, max(1000, args.steps // 10))
+    ratio = fast["steps_per_s"] / plain["steps_per_s"]
+    print(f"\n== single run: lesson-batchnorm, batch 32, {args.steps} steps, {torch.get_num_threads()} threads ==")
+    print(f"{'':24}{'steps/s':>10}{'examples/s':>12}{'seconds':>9}{'val':>8}")
+    for name, row in (("plain PyTorch loop", plain), ("normlab fast path", fast), ("normlab reference", reference)):
+        print(f"{name:24}{row['steps_per_s']:10.0f}{row['examples_per_s']:12.0f}{row['seconds']:9.1f}"
+              f"{row.get('val', float('nan')):8.4f}")
+    if "compile_s" in fast:
+        print(f"(fast path compilation, excluded above: {fast['compile_s']:.1f} s)")
+    print(f"fast / plain steps/s: {ratio:.2f}x (target ≥ 3x); |Δ val| = {abs(fast['val'] - plain['val']):.4f} "
+          "(target ≤ 0.01)")
+    return {"plain": plain, "fast": fast, "reference": reference, "ratio": ratio,
+            "val_difference": abs(fast["val"] - plain["val"])}
+
+
+def section_stacked(args: argparse.Namespace, plain: dict | None) -> dict:
+    """32 configurations in lockstep against the plain loop's throughput (32 runs one after another)."""
+    steps = args.stacked_steps
+    plain = plain or _plain(args.data, steps, device=args.device)
+    stacked = _normlab_fast(args.data, steps, count=32, compile=args.stacked_compile, device=args.device)
+    ratio = stacked["steps_per_s"] * 32 / plain["steps_per_s"]
+    print(f"\n== 32 configurations at once: lesson-batchnorm, batch 32, {steps} steps ==")
+    print(f"plain loop, one after another: {plain['steps_per_s']:.0f} model-steps/s")
+    print(f"normlab lockstep (M=32):       {stacked['steps_per_s'] * 32:.0f} model-steps/s "
+          f"({stacked['steps_per_s']:.0f} lockstep steps/s)")
+    print(f"aggregate throughput ratio: {ratio:.2f}x (target ≥ 10x)")
+    return {"plain_steps_per_s": plain["steps_per_s"], "stacked": stacked, "ratio": ratio}
+
+
+def section_target(args: argparse.Namespace, plain_seconds: float | None) -> dict:
+    """Wall time of the `fast` preset to val ≤ 2.10 against the plain loop's 200,000-step recipe."""
+    from normlab.pipeline import load_data as load
+
+    if plain_seconds is None:
+        plain_seconds = _plain(args.data, 200_000, device=args.device)["seconds"]
+    config = config_for_preset("fast", [f"device={args.device}"])
+    config.data.path = args.data
+    vocab, splits = load(config)
+    reached: dict = {}
+    started = time.perf_counter()
+    stacked = StackedMLP.build([config.model], len(vocab), [config.train.seed], args.device)
+
+    def log(_: int, row: dict) -> None:
+        if "step" in row and not reached:
+            val = evaluate(stacked.to_models()[0], *splits.val)  # the full val split, timed with the rest
+            if val <= TARGET_VAL:
+                reached.update(step=row["step"], val=val, seconds=time.perf_counter() - started)
+
+    train_stacked(stacked, splits.train, splits.val, [config.train], log=log, progress=False)
+    total = time.perf_counter() - started
+    final_val = evaluate(stacked.to_models()[0], *splits.val)
+    print(f"\n== time to val ≤ {TARGET_VAL}: the `fast` preset vs the plain loop's 200,000-step recipe ==")
+    print(f"plain loop, 200,000 steps: {plain_seconds:.1f} s")
+    if reached:
+        ratio = reached["seconds"] / plain_seconds
+        print(f"fast preset: val {reached['val']:.4f} at step {reached['step']} after {reached['seconds']:.1f} s "
+              f"= {ratio:.3f} of the plain loop's time (target ≤ 0.2); whole run {total:.1f} s, final val "
+              f"{final_val:.4f}")
+    else:
+        ratio = None
+        print(f"fast preset did NOT reach val ≤ {TARGET_VAL} (final val {final_val:.4f}, {total:.1f} s)")
+    return {"plain_seconds": plain_seconds, "reached": reached, "ratio": ratio, "final_val": final_val,
+            "total_seconds": total}
+
+
+def _measure(kind: str, data: str | None, steps: int, batch: int, depth: int, queue: multiprocessing.Queue) -> None:
+    """One scaling measurement in its own process, so that its peak memory is its own."""
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if kind == "plain":
+        row = _plain(data, steps, batch=batch, n_layers=depth)
+    else:
+        row = _normlab_fast(data, steps, batch=batch, n_layers=depth, compile=False)
+    row["peak_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+    queue.put(row)
+
+
+def section_scaling(args: argparse.Namespace) -> dict:
+    """Batch sizes 32..4096 at depth 1, depths 1..8 at batch 32; each measurement in a fresh process."""
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    grid = [(b, 1) for b in (32, 128, 512, 2048, 4096)] + [(32, d) for d in (2, 4, 8)]
+    print("\n== scaling (normlab fast path uncompiled; peak memory above the process's baseline) ==")
+    print(f"{'batch':>6}{'depth':>6}{'plain steps/s':>15}{'normlab steps/s':>17}{'ratio':>7}"
+          f"{'plain ex/s':>12}{'normlab ex/s':>14}{'plain MB':>10}{'normlab MB':>12}")
+    for batch, depth in grid:
+        steps = max(200, args.scaling_examples // batch)
+        measured = {}
+        for kind in ("plain", "normlab"):
+            queue = context.Queue()
+            process = context.Process(target=_measure, args=(kind, args.data, steps, batch, depth, queue))
+            process.start()
+            measured[kind] = queue.get()
+            process.join()
+        p, n = measured["plain"], measured["normlab"]
+        rows.append({"batch": batch, "depth": depth, "plain": p, "normlab": n})
+        print(f"{batch:6}{depth:6}{p['steps_per_s']:15.0f}{n['steps_per_s']:17.0f}"
+              f"{n['steps_per_s'] / p['steps_per_s']:7.2f}{p['examples_per_s']:12.0f}{n['examples_per_s']:14.0f}"
+              f"{p['peak_mb']:10.0f}{n['peak_mb']:12.0f}")
+    return {"rows": rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="words file (default: the bundled names)")
+    parser.add_argument("--sections", nargs="*", default=["single", "stacked", "target", "scaling"])
+    parser.add_argument("--steps", type=int, default=200_000, help="steps of the single-run section")
+    parser.add_argument("--stacked-steps", type=int, default=3_000)
+    parser.add_argument("--stacked-compile", action="store_true", help="compile the M=32 lockstep steps")
+    parser.add_argument("--scaling-examples", type=int, default=400_000, help="examples per scaling measurement")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results: dict = {"threads": torch.get_num_threads(), "device": args.device, "data": args.data or "bundled"}
+    if "single" in args.sections:
+        results["single"] = section_single(args)
+    if "stacked" in args.sections:
+        results["stacked"] = section_stacked(args, None)
+    if "target" in args.sections:
+        plain_seconds = results["single"]["plain"]["seconds"] if "single" in results and args.steps == 200_000 \
+            else None
+        results["target"] = section_target(args, plain_seconds)
+    if "scaling" in args.sections:
+        results["scaling"] = section_scaling(args)
+    print(json.dumps({"benchmark": "speed", **results}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,128 @@
+"""What every experiment of the lab shares: its description, the data, verdicts, and the lesson's base configs.
+
+An experiment is four functions around a settings dataclass (one per mode): `measure` trains or inspects models
+and returns plain JSON-ready measurements; `check` turns measurements into a `Verdict` by a stated rule, so a
+rule can be tested on crafted numbers; `draw` makes matplotlib figures of the measurements; `table` gives the
+Markdown lines of the summary. The runner (`normlab.lab.runner`) calls them and writes the files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from normlab.data import Splits, Vocab, load_words, make_splits
+from normlab.errors import DataError
+from normlab.model import ModelConfig, get_preset
+from normlab.train import TrainConfig
+
+MODES = ("tiny", "quick", "full")  # tiny: for the tests; quick: under a minute each; full: the documented run
+HOLDS, DOES_NOT_HOLD = "HOLDS", "DOES NOT HOLD"
+BLOCK_SIZE = 3  # the lesson's context length, shared by every experiment
+
+
+@dataclass
+class LabData:
+    """The words of the lab (the bundled names unless a file is given), split as the lesson splits them."""
+
+    vocab: Vocab
+    splits: Splits
+    path: str | None
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> LabData:
+        """Read and split the words of `path` (None: the bundled names); the val split must not be empty."""
+        words = load_words(path)
+        vocab = Vocab.from_words(words)
+        splits = make_splits(words, vocab, BLOCK_SIZE)
+        if len(splits.val[0]) == 0:
+            raise DataError(f"{len(words)} words leave the validation split empty: the lab needs at least 10 "
+                            "words (a few thousand for meaningful numbers)")
+        return cls(vocab, splits, None if path is None else str(Path(path).resolve()))
+
+    @property
+    def uniform_loss(self) -> float:
+        """-log(1/vocab size): the loss of a model that predicts every character equally."""
+        return math.log(len(self.vocab))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One numeric condition of a claim: what was checked, what was measured, and whether it passed."""
+
+    name: str
+    passed: bool
+    measured: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The checks of a claim; it holds when every check passed (and there is at least one)."""
+
+    checks: tuple[Check, ...]
+
+    @property
+    def holds(self) -> bool:
+        """True when every check passed."""
+        return bool(self.checks) and all(check.passed for check in self.checks)
+
+    @property
+    def text(self) -> str:
+        """HOLDS or DOES NOT HOLD."""
+        return HOLDS if self.holds else DOES_NOT_HOLD
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One claim of the lesson: how to measure it in each mode, the rule that checks it, how to draw it."""
+
+    name: str
+    title: str
+    claim: str  # the rule `check` applies, in words
+    settings: Mapping[str, Any]  # mode -> the experiment's settings dataclass
+    budget: Callable[[Any], str]  # settings -> e.g. "14 runs x 2,000 steps"
+    measure: Callable[[Any, LabData, bool], dict[str, Any]]  # (settings, data, progress) -> measurements
+    check: Callable[[dict[str, Any]], Verdict]
+    draw: Callable[[dict[str, Any]], dict[str, Any]]  # measurements -> {file stem: matplotlib Figure}
+    table: Callable[[dict[str, Any]], list[str]]  # measurements -> Markdown lines
+
+    def budgets(self) -> dict[str, str]:
+        """The quick and full budgets in words."""
+        return {mode: self.budget(self.settings[mode]) for mode in ("quick", "full")}
+
+
+def finite(value: Any) -> bool:
+    """True for a real, finite number (None, NaN and Inf are not)."""
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def loss_or_inf(value: Any) -> float:
+    """A loss for comparisons: NaN, Inf and None (a diverged or missing run) count as +Inf."""
+    return float(value) if finite(value) else math.inf
+
+
+def number(value: Any, spec: str = ".3f") -> str:
+    """`value` formatted with `spec`, or 'n/a' when it is not a finite number."""
+    return format(value, spec) if finite(value) else "n/a"
+
+
+def lesson_model(**overrides: Any) -> ModelConfig:
+    """The lesson's well-initialised MLP (`lesson-kaiming`: Kaiming hidden weights, output weights x0.01, output
+    bias 0), with `overrides` applied."""
+    return replace(get_preset("lesson-kaiming").model, **overrides)
+
+
+def train_config(steps: int, evaluations: int = 10, **overrides: Any) -> TrainConfig:
+    """The lesson's SGD recipe for `steps` steps (learning rate x0.1 at half), evaluated `evaluations` times on
+    subsets of 5,000 examples."""
+    return TrainConfig(steps=steps, eval_every=max(1, steps // evaluations), eval_examples=5_000,
+                       checkpoint_every=steps, **overrides)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Lines of a Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
