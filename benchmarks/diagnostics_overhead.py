@@ -116,7 +116,8 @@ def main() -> None:
         f"lesson-batchnorm twin (torch.nn), {args.steps} steps per variant in blocks of {args.block}, "
         f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     )
-    print(f"  no monitor         : wall {plain.wall_s:7.2f} s  cpu {plain.cpu_s:7.2f} s  ({step_ms:.3f} ms/step)")
+    plain_line = f"wall {plain.wall_s:7.2f} s  cpu {plain.cpu_s:7.2f} s  ({step_ms:.3f} ms/step)"
+    print(f"  no monitor         : {plain_line}")
     print(
         f"  Monitor(every={args.every:<4}): wall {monitored.wall_s:7.2f} s  cpu {monitored.cpu_s:7.2f} s  "
         f"({monitored.recordings} recording steps)"

@@ -33,7 +33,7 @@ from normlab.train import (
     learning_rate,
 )
 
-CHUNK = int(__import__("os").environ.get("NL_CHUNK", 4))  # steps per compiled call; divides SYNC_EVERY, so chunks never straddle a sync
+CHUNK = 10  # steps per compiled call (measured best on 2 cores); divides SYNC_EVERY, so chunks never straddle a sync
 COMPILE_MIN_STEPS = 20_000
 SHARED_FIELDS = ("steps", "batch_size", "optimizer", "eval_every", "checkpoint_every", "device")
 SCHEDULE_FIELDS = ("lr", "schedule", "lr_decay_step", "lr_decay_factor", "warmup_steps", "min_lr_factor", "steps")
@@ -48,12 +48,14 @@ def check_lockstep(configs: Sequence[TrainConfig]) -> None:
 
 
 class Stepper:
-    """Runs training steps of a stacked model and its optimizer: one at a time eagerly, or `CHUNK` at a time
-    through one `torch.compile`d function (fused kernels, a C++ wrapper: far less overhead per step)."""
+    """Runs training steps of a stacked model and its optimizer: one at a time eagerly, or `chunk_size` at a
+    time through one `torch.compile`d function (fused kernels, a C++ wrapper: far less overhead per step)."""
 
     def __init__(self, stacked: StackedMLP, optimizer: StackedOptimizer, max_norms: list[float | None],
-                 compile: bool) -> None:
-        self.stacked, self.optimizer = stacked, optimizer
+                 compile: bool, chunk_size: int = CHUNK) -> None:
+        if SYNC_EVERY % chunk_size:
+            raise ValueError(f"chunk_size must divide {SYNC_EVERY}, got {chunk_size}")
+        self.stacked, self.optimizer, self.chunk_size = stacked, optimizer, chunk_size
         self.limits = None
         if any(m is not None for m in max_norms):
             self.limits = torch.tensor([math.inf if m is None else m for m in max_norms],
@@ -77,11 +79,11 @@ class Stepper:
         return loss
 
     def _chunk(self, rows: torch.Tensor, targets: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.one(rows[:, k], targets[:, k], lrs[k]) for k in range(CHUNK)])
+        return torch.stack([self.one(rows[:, k], targets[:, k], lrs[k]) for k in range(self.chunk_size)])
 
     def chunk(self, rows: torch.Tensor, targets: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
-        """`CHUNK` steps on rows (M, CHUNK, B, T), targets (M, CHUNK, B), learning rates (CHUNK, M); returns
-        the losses (CHUNK, M). Compiles on first use; falls back to eager steps if compilation fails."""
+        """`chunk_size` (C) steps on rows (M, C, B, T), targets (M, C, B), learning rates (C, M); returns the
+        losses (C, M). Compiles on first use; falls back to eager steps if compilation fails."""
         if self._compiled is not None:
             try:
                 return self._compiled(rows, targets, lrs)
@@ -105,13 +107,13 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
                   optimizer: StackedOptimizer | None = None, start_step: int = 0,
                   log: Callable[[int, dict[str, Any]], None] | None = None,
                   checkpoint: Callable[[int], None] | None = None, on_divergence: str = "raise",
-                  progress: bool = True) -> dict[int, int]:
+                  progress: bool = True, chunk_size: int = CHUNK) -> dict[int, int]:
     """Train the M stacked models from `start_step` to `configs[0].steps`, each as `train.train` would.
 
     `log(i, row)` receives model i's metrics rows, `checkpoint(step)` is called as in `train.train`. With
     `on_divergence="raise"` a NaN/Inf loss raises `TrainingDiverged`; with "record" the other models go on and
     the return value maps each diverged model to the step where its loss first became NaN/Inf. Compiled runs
-    (`should_compile`) take steps in chunks of `CHUNK` and stop for Ctrl-C at the end of a chunk.
+    (`should_compile`) take steps in chunks of `chunk_size` and stop for Ctrl-C at the end of a chunk.
     """
     for config in configs:
         config.validate()
@@ -121,7 +123,7 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
     count = stacked.num_models
     dtype = stacked.embedding.dtype
     optimizer = optimizer or StackedOptimizer(stacked.parameters(), configs)
-    stepper = Stepper(stacked, optimizer, [c.grad_clip for c in configs], should_compile(first))
+    stepper = Stepper(stacked, optimizer, [c.grad_clip for c in configs], should_compile(first), chunk_size)
     x_train, y_train = train_xy[0].to(device), train_xy[1].to(device)
     subsets = [_eval_subsets(train_xy, val_xy, c) for c in configs]
     same_schedule = len({tuple(getattr(c, f) for f in SCHEDULE_FIELDS) for c in configs}) == 1
@@ -149,14 +151,15 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
                 index = index.to(device).expand(count, -1, -1)  # (M, L, B)
                 rows, targets = stacked.rows(x_train[index]), y_train[index]  # (M, L, B, T), (M, L, B)
             k = step % block_length
-            chunk = (stepper.compiled and step % CHUNK == 0 and k + CHUNK <= block_length
-                     and step + CHUNK <= first.steps
+            size = stepper.chunk_size
+            chunk = (stepper.compiled and step % size == 0 and k + size <= block_length
+                     and step + size <= first.steps
                      and not any(due(d, first.eval_every) or due(d, first.checkpoint_every)
-                                 for d in range(step + 1, step + CHUNK)))
+                                 for d in range(step + 1, step + size)))
             if chunk:
-                losses = stepper.chunk(rows[:, k:k + CHUNK], targets[:, k:k + CHUNK], rates(step, CHUNK))
-                recent[step % SYNC_EVERY:step % SYNC_EVERY + CHUNK].copy_(losses)
-                step += CHUNK
+                losses = stepper.chunk(rows[:, k:k + size], targets[:, k:k + size], rates(step, size))
+                recent[step % SYNC_EVERY:step % SYNC_EVERY + size].copy_(losses)
+                step += size
             else:
                 lr = learning_rate(first, step) if same_schedule and not stepper.compiled else rates(step, 1)[0]
                 recent[step % SYNC_EVERY].copy_(stepper.one(rows[:, k], targets[:, k], lr))

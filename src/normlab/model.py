@@ -232,7 +232,13 @@ PRESETS: dict[str, Preset] = {
         "block_size 8, three FlattenConsecutive(2) → Linear → BatchNorm1d → Tanh stages (the lesson's WaveNet)",
         ModelConfig(architecture="wavenet", block_size=8, n_embd=24, n_hidden=128, n_layers=3, norm="batch",
                     init="fan_in", output_init="fan_in", output_weight_scale=0.1, output_bias_scale=0.0),
-        train=dict(lr_decay_step=150_000)),
+        train={"lr_decay_step": 150_000}),
+    "fast": Preset(
+        "the lesson's val loss in seconds: wider context and layer, BatchNorm, batch 256, AdamW with cosine decay",
+        ModelConfig(block_size=5, n_embd=24, n_hidden=400, norm="batch", init="kaiming", output_weight_scale=0.1,
+                    output_bias_scale=0.0),
+        train={"steps": 2500, "batch_size": 256, "optimizer": "adamw", "lr": 0.006, "schedule": "cosine",
+               "warmup_steps": 100, "eval_every": 250, "checkpoint_every": 2500, "compile": False}),
 }
 DEFAULT_PRESET = "lesson-batchnorm"
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.diagnostics import Monitor
+from normlab.diagnostics import Monitor, collect
 from normlab.diagnostics import metrics as m
 
 from .models import batch, count_forward_hooks, lesson_mlp, train_step
@@ -221,6 +221,25 @@ def test_a_recording_step_copies_to_the_host_once(monkeypatch):
     monitor.close()
     assert calls == {"cpu": 1, "item": 0, "tolist": 0, "__float__": 0}
     assert math.isfinite(monitor.diagnostics.value("", m.LOSS, 0))
+
+
+def test_statistics_do_not_depend_on_how_the_tensors_are_chunked(monkeypatch):
+    inputs, targets = batch()
+    recorded = {}
+    for chunk_elements in (collect.CHUNK_ELEMENTS, 300):  # 300: several vectors, some pieces alone
+        monkeypatch.setattr(collect, "CHUNK_ELEMENTS", chunk_elements)
+        model = lesson_mlp()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with Monitor(model, optimizer, every=1, bins=8) as monitor:
+            train_step(model, optimizer, monitor, 0, inputs, targets)
+        recorded[chunk_elements] = monitor.diagnostics
+    expected, actual = recorded.values()
+    assert [row[:3] for row in actual.rows()] == [row[:3] for row in expected.rows()]
+    assert [row[3] for row in actual.rows()] == pytest.approx(
+        [row[3] for row in expected.rows()], nan_ok=True
+    )
+    for key, by_step in expected.histograms.items():
+        np.testing.assert_array_equal(actual.histograms[key][0].counts, by_step[0].counts)
 
 
 def test_invalid_arguments_raise_with_the_value():

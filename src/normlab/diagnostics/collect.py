@@ -85,9 +85,9 @@ class _Packer:
 
 def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
     groups: list[list[_Piece]] = []
-    size = CHUNK_ELEMENTS
+    size = 0
     for piece in pieces:
-        if size + piece.tensor.numel() > CHUNK_ELEMENTS:
+        if not groups or size + piece.tensor.numel() > CHUNK_ELEMENTS:
             groups.append([])
             size = 0
         groups[-1].append(piece)

@@ -17,6 +17,7 @@ recording step, so every other step runs exactly the code of an unmonitored mode
 
 from __future__ import annotations
 
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import replace
@@ -52,9 +53,9 @@ class Monitor:
     Linear, Embedding and norm layer; see :func:`normlab.diagnostics.layers.select_modules`). For each
     selected module it records its output (mean, std, histogram, saturated share for tanh/sigmoid-like
     layers with ``|t| > saturation_threshold``, dead share for ReLU-like ones), the gradient of that output,
-    and its own trainable parameters (values, gradients, grad:data and, with an ``optimizer``, update:data
-    measured around ``optimizer.step()``, so it is right for any optimizer). Histograms have ``bins``
-    equal-width bins.
+    and its own trainable parameters (values, gradients, grad:data = std(grad) / std(weights) and, with an
+    ``optimizer``, update:data = std(update) / std(weights before the update), the update being measured
+    around ``optimizer.step()``, so it is right for any optimizer). Histograms have ``bins`` equal-width bins.
 
     A module called several times in one step is recorded once per call, as ``name``, ``name#1``, ...
     Outputs that are not a single tensor are skipped. Without an optimizer, parameters and their gradients are
@@ -129,8 +130,9 @@ class Monitor:
         """
         if self._closed:
             raise RuntimeError("this Monitor is closed; create a new one to record again")
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
+        step = int(step)
         if self._capture is not None:
             self._disarm()
         if not force and step % self.every:

@@ -1,4 +1,4 @@
-"""Statistics of tensors, as pure functions that never leave the device.
+"""Statistics of tensors, as pure functions: reductions on the device, finished on the host.
 
 The ``segment_*`` functions and :func:`saturated_fraction` / :func:`dead_fraction` return tensors on the
 input's device and never read anything back to the host, so a monitor can compute everything of a training
@@ -26,9 +26,6 @@ import torch
 
 TANH = "tanh"
 SIGMOID = "sigmoid"
-
-
-SUMMARY_COLUMNS = ("mean", "std", "norm", "nonfinite")
 
 
 @dataclass(frozen=True)
@@ -86,7 +83,7 @@ def concat(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Segments]:
 
 
 def _wide(device: torch.device) -> torch.dtype:
-    # float64 keeps sums of squares and bin positions exact enough; Apple's MPS has no float64
+    # float64 keeps sums of squares accurate enough for the variance; Apple's MPS has no float64
     return torch.float32 if device.type == "mps" else torch.float64
 
 

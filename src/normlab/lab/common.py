@@ -115,10 +115,10 @@ def lesson_model(**overrides: Any) -> ModelConfig:
     return replace(get_preset("lesson-kaiming").model, **overrides)
 
 
-def train_config(steps: int, evaluations: int = 10, **overrides: Any) -> TrainConfig:
-    """The lesson's SGD recipe for `steps` steps (learning rate x0.1 at half), evaluated `evaluations` times on
-    subsets of 5,000 examples."""
-    return TrainConfig(steps=steps, eval_every=max(1, steps // evaluations), eval_examples=5_000,
+def train_config(steps: int, evaluations: int = 1, eval_examples: int = 2_000, **overrides: Any) -> TrainConfig:
+    """The lesson's SGD recipe for `steps` steps (learning rate x0.1 at half), with `evaluations` evenly spaced
+    evaluations of the losses on fixed subsets of `eval_examples` examples (the metrics rows of a run)."""
+    return TrainConfig(steps=steps, eval_every=max(1, steps // evaluations), eval_examples=eval_examples,
                        checkpoint_every=steps, **overrides)
 
 

@@ -38,13 +38,15 @@ CLAIM = (f"BatchNorm makes training insensitive to the initial weight scale: the
 
 @dataclass(frozen=True)
 class Settings:
-    """Steps per run, and the examples the final losses are measured on (None: the whole splits)."""
+    """Steps per run, the examples of the loss curves' subsets, and of the final losses (None: the whole splits)."""
 
     steps: int
+    curve_examples: int
     final_examples: int | None
 
 
-SETTINGS = {"tiny": Settings(200, 2_000), "quick": Settings(2_000, 20_000), "full": Settings(30_000, None)}
+SETTINGS = {"tiny": Settings(200, 500, 2_000), "quick": Settings(2_000, 2_000, 20_000),
+            "full": Settings(30_000, 5_000, None)}
 
 
 def budget(settings: Settings) -> str:
@@ -55,7 +57,8 @@ def budget(settings: Settings) -> str:
 def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]:
     """Final losses and val curves of every (norm, scale)."""
     runs = [SweepRun(f"{norm} x{scale:g}", lesson_model(norm=norm, weight_scale=scale, **DEEP),
-                     train_config(settings.steps)) for norm in NORMS for scale in SCALES]
+                     train_config(settings.steps, evaluations=10, eval_examples=settings.curve_examples))
+            for norm in NORMS for scale in SCALES]
     results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, final_examples=settings.final_examples)
     return {"settings": asdict(settings), "scales": list(SCALES), "runs": [
         {"norm": run.model.norm, "scale": run.model.weight_scale, "val_loss": r.val_loss, "train_loss": r.train_loss,

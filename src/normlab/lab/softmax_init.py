@@ -30,13 +30,14 @@ CLAIM = (f"With the naive output layer the initial loss is more than {NAIVE_FACT
 
 @dataclass(frozen=True)
 class Settings:
-    """Seeds for the initial loss, and the training run of each layer."""
+    """Seeds for the initial loss, the training run of each layer, and the examples of its loss curve's subset."""
 
     seeds: int
     steps: int
+    curve_examples: int
 
 
-SETTINGS = {"tiny": Settings(3, 300), "quick": Settings(5, 3_000), "full": Settings(10, 30_000)}
+SETTINGS = {"tiny": Settings(3, 300, 500), "quick": Settings(5, 3_000, 2_000), "full": Settings(10, 30_000, 5_000)}
 
 
 def budget(settings: Settings) -> str:
@@ -48,7 +49,8 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
     """Initial val losses per seed, and each layer's training curve."""
     initial = {layer: [evaluate(build_model(get_preset(preset).model, len(data.vocab), seed=seed), *data.splits.val)
                        for seed in range(settings.seeds)] for layer, preset in LAYERS.items()}
-    runs = [SweepRun(layer, get_preset(preset).model, train_config(settings.steps, evaluations=30, seed=0))
+    runs = [SweepRun(layer, get_preset(preset).model, train_config(settings.steps, evaluations=30,
+                                                                    eval_examples=settings.curve_examples, seed=0))
             for layer, preset in LAYERS.items()]
     results = run_sweep(runs, data.splits, len(data.vocab), progress=progress)
     return {"settings": asdict(settings), "uniform_loss": data.uniform_loss, "initial_loss": initial,
