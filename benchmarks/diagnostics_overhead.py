@@ -5,18 +5,19 @@ Linear(30, 200, bias=False), BatchNorm1d(200, momentum=0.001), Tanh, Linear(200,
 batch 32, random int tokens of a fixed seed as data. Two identical models train in the same process, one
 without and one with a Monitor, in alternating blocks of ``--block`` steps (the order swapped every block),
 so that a shared machine's changing load hits both alike. Reports wall and CPU time per variant, the overhead
-ratio (target: at most +5%), and the cost of one recording step: the extra time of the monitored variant
-divided by its number of recording steps. Runs on ``--threads`` torch threads (default 1: a tiny model gains
-nothing from more, and on a shared machine more threads make the timings noisy). Prints a table and one JSON
-line.
+ratio (target: at most +5%) from the totals and as the median over pairs of neighbouring blocks (robust to
+load spikes), and the cost of one recording step: the median recording step minus the median other step.
+Runs on ``--threads`` torch threads (default 1: a tiny model gains nothing from more, and on a shared machine
+more threads make the timings noisy). Prints a table and one JSON line.
 
-    python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 100] [--block 1000]
+    python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 100] [--block 500]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -53,7 +54,9 @@ class Trainer:
     step: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    recordings: int = 0
+    blocks: list[float] = field(default_factory=list)
+    recording_steps: list[float] = field(default_factory=list)
+    other_steps: list[float] = field(default_factory=list)
     data: tuple[torch.Tensor, torch.Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -71,18 +74,25 @@ class Trainer:
         model, optimizer, monitor = self.model, self.optimizer, self.monitor
         wall, cpu = time.perf_counter(), time.process_time()
         for step in range(self.step, self.step + steps):
+            started = time.perf_counter()
             x, y = inputs[step % DATA_BATCHES], targets[step % DATA_BATCHES]
-            if monitor is not None:
-                self.recordings += monitor.begin_step(step)
+            recording = monitor is not None and monitor.begin_step(step)
             loss = F.cross_entropy(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if monitor is not None:
                 monitor.end_step(loss)
-        self.wall_s += time.perf_counter() - wall
+            (self.recording_steps if recording else self.other_steps).append(time.perf_counter() - started)
+        self.blocks.append(time.perf_counter() - wall)
+        self.wall_s += self.blocks[-1]
         self.cpu_s += time.process_time() - cpu
         self.step += steps
+
+    def reset(self) -> None:
+        """Forget the timings so far (after the warm-up)."""
+        self.wall_s = self.cpu_s = 0.0
+        self.blocks, self.recording_steps, self.other_steps = [], [], []
 
 
 def main() -> None:
@@ -90,7 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20_000, help="training steps of each variant")
     parser.add_argument("--every", type=int, default=100, help="the monitor records every N steps")
-    parser.add_argument("--block", type=int, default=1000, help="steps per block of the alternation")
+    parser.add_argument("--block", type=int, default=500, help="steps per block of the alternation")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noisy)")
     args = parser.parse_args()
     if min(args.steps, args.every, args.block, args.threads) < 1:
@@ -100,7 +110,7 @@ def main() -> None:
     plain, monitored = Trainer(None), Trainer(args.every)
     for warm_up in (plain, monitored):  # allocator, thread pools, first-call costs
         warm_up.run(200)
-        warm_up.wall_s = warm_up.cpu_s = warm_up.recordings = 0
+        warm_up.reset()
     blocks = -(-args.steps // args.block)
     for block in range(blocks):
         size = min(args.block, args.steps - block * args.block)
@@ -110,8 +120,15 @@ def main() -> None:
 
     wall_overhead = monitored.wall_s / plain.wall_s - 1
     cpu_overhead = monitored.cpu_s / plain.cpu_s - 1
-    recording_ms = (monitored.wall_s - plain.wall_s) / max(monitored.recordings, 1) * 1e3
-    step_ms = plain.wall_s / args.steps * 1e3
+    # each monitored block against the plain block next to it: robust to the machine's load changing
+    paired_overhead = (
+        statistics.median(m / p for m, p in zip(monitored.blocks, plain.blocks, strict=True)) - 1
+    )
+    recordings = len(monitored.recording_steps)
+    recording_ms = (
+        statistics.median(monitored.recording_steps) - statistics.median(monitored.other_steps)
+    ) * 1e3
+    step_ms = statistics.median(plain.other_steps) * 1e3
     print(
         f"lesson-batchnorm twin (torch.nn), {args.steps} steps per variant in blocks of {args.block}, "
         f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
@@ -120,10 +137,13 @@ def main() -> None:
     print(f"  no monitor         : {plain_line}")
     print(
         f"  Monitor(every={args.every:<4}): wall {monitored.wall_s:7.2f} s  cpu {monitored.cpu_s:7.2f} s  "
-        f"({monitored.recordings} recording steps)"
+        f"({recordings} recording steps)"
     )
-    print(f"  overhead           : wall {wall_overhead:+.2%}  cpu {cpu_overhead:+.2%}  (target <= +5%)")
-    print(f"  one recording step : {recording_ms:.2f} ms on top of a {step_ms:.3f} ms step")
+    print(
+        f"  overhead           : wall {wall_overhead:+.2%}  cpu {cpu_overhead:+.2%}  "
+        f"median of paired blocks {paired_overhead:+.2%}  (target <= +5%)"
+    )
+    print(f"  one recording step : {recording_ms:.2f} ms on top of a {step_ms:.3f} ms step (medians)")
     record = {
         "benchmark": "diagnostics_overhead",
         "steps": args.steps,
@@ -135,6 +155,7 @@ def main() -> None:
         "monitored_cpu_s": round(monitored.cpu_s, 4),
         "overhead_wall": round(wall_overhead, 4),
         "overhead_cpu": round(cpu_overhead, 4),
+        "overhead_paired_median": round(paired_overhead, 4),
         "recording_step_ms": round(recording_ms, 3),
         "plain_step_ms": round(step_ms, 4),
     }

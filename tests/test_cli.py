@@ -186,3 +186,19 @@ def test_the_console_script_prints_no_traceback_for_user_errors(tmp_path):
                              str(tmp_path / "x")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("fast", ["true", "false"])
+def test_training_on_cuda_end_to_end(tmp_path, words_file, capsys, fast):
+    out = tmp_path / "cuda"
+    assert _train(out, words_file, "--device", "cuda", "--set", f"fast={fast}", "--calibrate") == 0
+    assert main(["sample", str(out), "-n", "5"]) == 0
+    assert main(["eval", str(out)]) == 0
+    assert "val split: loss" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, words_file, capsys):
+    assert _train(tmp_path / "cuda", words_file, "--device", "cuda") == 2
+    assert "no CUDA GPU is available" in _error(capsys)

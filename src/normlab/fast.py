@@ -17,20 +17,21 @@ from typing import Any
 
 import torch
 
-from normlab.errors import ConfigError, TrainingDiverged
+from normlab.errors import ConfigError
 from normlab.stacked import StackedMLP
 from normlab.stacked_optim import StackedOptimizer
 from normlab.train import (
     SYNC_EVERY,
     Interrupted,
+    LossWindow,
     TrainConfig,
-    _divergence_message,
     _eval_subsets,
     _InterruptFlag,
     _progress_bar,
     batch_block,
     batch_block_length,
     learning_rate,
+    show_progress,
 )
 
 CHUNK = 10  # steps per compiled call (measured best on 2 cores); divides SYNC_EVERY, so chunks never straddle a sync
@@ -128,7 +129,7 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
     subsets = [_eval_subsets(train_xy, val_xy, c) for c in configs]
     same_schedule = len({tuple(getattr(c, f) for f in SCHEDULE_FIELDS) for c in configs}) == 1
     same_batches = len({c.seed for c in configs}) == 1
-    recent = torch.zeros((SYNC_EVERY, count), device=device)
+    recent = LossWindow(count, device)
     diverged: dict[int, int] = {}
     block_length = batch_block_length(first.batch_size)
     bar = _progress_bar(first.steps, start_step, progress)
@@ -158,28 +159,18 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
                                  for d in range(step + 1, step + size)))
             if chunk:
                 losses = stepper.chunk(rows[:, k:k + size], targets[:, k:k + size], rates(step, size))
-                recent[step % SYNC_EVERY:step % SYNC_EVERY + size].copy_(losses)
+                recent.record(step, losses)
                 step += size
             else:
                 lr = learning_rate(first, step) if same_schedule and not stepper.compiled else rates(step, 1)[0]
-                recent[step % SYNC_EVERY].copy_(stepper.one(rows[:, k], targets[:, k], lr))
+                recent.record(step, stepper.one(rows[:, k], targets[:, k], lr))
                 step += 1
             done, last = step, step - 1
             eval_due, checkpoint_due = due(done, first.eval_every), due(done, first.checkpoint_every)
             checkpoint_due = checkpoint_due or interrupt.raised
             if done % SYNC_EVERY == 0 or eval_due or checkpoint_due:
-                window = recent[: (last % SYNC_EVERY) + 1]  # every step since the last multiple of SYNC_EVERY
-                for position, model in (~torch.isfinite(window)).nonzero().tolist():
-                    bad_step = last - last % SYNC_EVERY + position
-                    if on_divergence == "raise":
-                        raise TrainingDiverged(_divergence_message(bad_step, float(window[position, model]),
-                                                                   configs[model]))
-                    diverged.setdefault(model, bad_step)
-                if bar is not None:
-                    finite = window[torch.isfinite(window)]
-                    shown = f"{finite.mean().item():.4f}" if len(finite) else "nan"
-                    bar.set_postfix(loss=shown, refresh=False)
-                    bar.update(done - bar.n)
+                mean = recent.check(last, configs, None if on_divergence == "raise" else diverged)
+                show_progress(bar, done, mean)
             if eval_due and log is not None:
                 elapsed = round(time.perf_counter() - started, 3)
                 losses = [evaluate_stacked(stacked, [s[split] for s in subsets]) for split in (0, 1)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +207,38 @@ def _divergence_message(step: int, value: float, config: TrainConfig) -> str:
             "lower train.lr, train.grad_clip, a norm layer (model.norm=batch) or a smaller model.weight_scale")
 
 
+class LossWindow:
+    """The batch losses (one column per model) of the steps since the last multiple of SYNC_EVERY, kept on the
+    device and read back (one host sync) only when checked."""
+
+    def __init__(self, models: int, device: torch.device) -> None:
+        self.values = torch.zeros((SYNC_EVERY, models), device=device)
+
+    def record(self, step: int, losses: torch.Tensor) -> None:
+        """Store the losses (M,) of `step`, or (K, M) of the K steps from `step` (within one window)."""
+        start = step % SYNC_EVERY
+        self.values[start:start + (losses.shape[0] if losses.dim() == 2 else 1)].copy_(losses)
+
+    def check(self, last: int, configs: Sequence[TrainConfig], diverged: dict[int, int] | None = None) -> float:
+        """Check every loss up to step `last`: a NaN/Inf raises `TrainingDiverged` naming its step, or, with a
+        `diverged` dict, is recorded there (model index → first bad step). Returns the mean of the finite losses."""
+        window = self.values[: last % SYNC_EVERY + 1]
+        for position, model in (~torch.isfinite(window)).nonzero().tolist():
+            bad_step = last - last % SYNC_EVERY + position
+            if diverged is None:
+                raise TrainingDiverged(_divergence_message(bad_step, float(window[position, model]), configs[model]))
+            diverged.setdefault(model, bad_step)
+        finite = window[torch.isfinite(window)]
+        return finite.mean().item() if len(finite) else float("nan")
+
+
+def show_progress(bar: Any, done: int, loss: float) -> None:
+    """Move the progress bar to `done` steps, showing the recent mean loss."""
+    if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        bar.update(done - bar.n)
+
+
 def train(model: torch.nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor],
           val_xy: tuple[torch.Tensor, torch.Tensor], config: TrainConfig, *,
           optimizer: torch.optim.Optimizer | None = None, start_step: int = 0,
@@ -225,7 +257,7 @@ def train(model: torch.nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor],
     optimizer = optimizer or make_optimizer(model, config)
     x_train, y_train = train_xy[0].to(device), train_xy[1].to(device)
     subsets = _eval_subsets(train_xy, val_xy, config)
-    recent = torch.zeros(SYNC_EVERY, device=device)  # the last SYNC_EVERY batch losses, read at each sync
+    recent = LossWindow(1, device)
     block_length = batch_block_length(config.batch_size)
     bar = _progress_bar(config.steps, start_step, progress)
     started = time.perf_counter()
@@ -249,20 +281,12 @@ def train(model: torch.nn.Module, train_xy: tuple[torch.Tensor, torch.Tensor],
             optimizer.step()
             if events.end_step:
                 events.end_step(loss)
-            recent[step % SYNC_EVERY] = loss.detach()
+            recent.record(step, loss.detach().view(1))
             done = step + 1
             eval_due = done % config.eval_every == 0 or done == config.steps
             checkpoint_due = done % config.checkpoint_every == 0 or done == config.steps or interrupt.raised
             if done % SYNC_EVERY == 0 or eval_due or checkpoint_due:
-                window = recent[: (step % SYNC_EVERY) + 1]  # every step since the last multiple of SYNC_EVERY
-                bad = (~torch.isfinite(window)).nonzero()
-                if len(bad):
-                    first = int(bad[0])
-                    raise TrainingDiverged(_divergence_message(step - step % SYNC_EVERY + first,
-                                                               float(window[first]), config))
-                if bar is not None:
-                    bar.set_postfix(loss=f"{window.mean().item():.4f}", lr=f"{lr:g}", refresh=False)
-                    bar.update(done - bar.n)
+                show_progress(bar, done, recent.check(step, [config]))
             if eval_due and events.log:
                 events.log({"step": done, "train_loss": evaluate(model, *subsets[0]),
                             "val_loss": evaluate(model, *subsets[1]), "lr": lr,

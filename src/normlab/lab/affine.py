@@ -35,13 +35,15 @@ CLAIM = ("BatchNorm with γ/β can represent the identity (with γ = √(σ²_B 
 
 @dataclass(frozen=True)
 class Settings:
-    """Steps per run and seeds per variant."""
+    """Steps per run, seeds per variant, and the training examples the statistics are calibrated on (None: all)."""
 
     steps: int
     seeds: int
+    calibration_examples: int | None
 
 
-SETTINGS = {"tiny": Settings(300, 2), "quick": Settings(3_000, 3), "full": Settings(20_000, 5)}
+SETTINGS = {"tiny": Settings(300, 2, 20_000), "quick": Settings(3_000, 3, None), "full": Settings(20_000, 5, None)}
+FINAL_EXAMPLES = 1_000  # the sweep's final losses are not used here: the val losses use calibrated statistics
 
 
 def budget(settings: Settings) -> str:
@@ -79,10 +81,13 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
     runs = [SweepRun(f"{variant} seed {seed}", model, train_config(settings.steps, seed=seed),
                      prepare=None if variant == "affine" else drop_affine)
             for variant in ("affine", "plain") for seed in range(settings.seeds)]
-    results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, keep_models=True)
+    results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, keep_models=True,
+                        final_examples=FINAL_EXAMPLES)
+    x_calibration = (data.splits.train[0] if settings.calibration_examples is None
+                     else training_batch(data, settings.calibration_examples)[0])
     losses: dict[str, list[float]] = {"affine": [], "plain": []}
     for run, result in zip(runs, results):
-        calibrate_batchnorm(result.model, data.splits.train[0])
+        calibrate_batchnorm(result.model, x_calibration)
         losses["affine" if run.prepare is None else "plain"].append(evaluate(result.model, *data.splits.val))
     norms = [batchnorm_layers(r.model)[0][1] for r, run in zip(results, runs) if run.prepare is None]
     x, _ = training_batch(data, 256)

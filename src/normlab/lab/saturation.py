@@ -40,13 +40,16 @@ CLAIM = (f"At initialisation the share of saturated tanh outputs never falls as 
 
 @dataclass(frozen=True)
 class Settings:
-    """Training steps per run, and the size of the batch the shares are measured on."""
+    """Training steps per run, the size of the batch the shares are measured on, and the examples of the final
+    losses (None: the whole splits)."""
 
     steps: int
     examples: int
+    final_examples: int | None
 
 
-SETTINGS = {"tiny": Settings(300, 500), "quick": Settings(3_000, 2_000), "full": Settings(20_000, 5_000)}
+SETTINGS = {"tiny": Settings(300, 500, 2_000), "quick": Settings(3_000, 2_000, 20_000),
+            "full": Settings(20_000, 5_000, None)}
 
 
 def budget(settings: Settings) -> str:
@@ -82,7 +85,8 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
                                                                                   lr=lr))
             for a in ACTIVATIONS for lr in LEARNING_RATES]
     snapshots = [settings.steps * k // 10 for k in range(11)]
-    results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, snapshot_steps=snapshots)
+    results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, snapshot_steps=snapshots,
+                        final_examples=settings.final_examples)
     training = []
     for run, result in zip(runs, results):
         activation = run.model.activation

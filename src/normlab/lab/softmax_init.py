@@ -30,14 +30,17 @@ CLAIM = (f"With the naive output layer the initial loss is more than {NAIVE_FACT
 
 @dataclass(frozen=True)
 class Settings:
-    """Seeds for the initial loss, the training run of each layer, and the examples of its loss curve's subset."""
+    """Seeds for the initial loss, the training run of each layer, the examples of its loss curve's subset and
+    of its final losses (None: the whole splits)."""
 
     seeds: int
     steps: int
     curve_examples: int
+    final_examples: int | None
 
 
-SETTINGS = {"tiny": Settings(3, 300, 500), "quick": Settings(5, 3_000, 2_000), "full": Settings(10, 30_000, 5_000)}
+SETTINGS = {"tiny": Settings(3, 300, 500, 2_000), "quick": Settings(5, 3_000, 2_000, 20_000),
+            "full": Settings(10, 30_000, 5_000, None)}
 
 
 def budget(settings: Settings) -> str:
@@ -52,7 +55,7 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
     runs = [SweepRun(layer, get_preset(preset).model, train_config(settings.steps, evaluations=30,
                                                                     eval_examples=settings.curve_examples, seed=0))
             for layer, preset in LAYERS.items()]
-    results = run_sweep(runs, data.splits, len(data.vocab), progress=progress)
+    results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, final_examples=settings.final_examples)
     return {"settings": asdict(settings), "uniform_loss": data.uniform_loss, "initial_loss": initial,
             "curves": {r.name: {"step": [0] + [row["step"] for row in r.rows],
                                 "val_loss": [initial[r.name][0]] + [row["val_loss"] for row in r.rows]}

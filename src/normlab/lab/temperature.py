@@ -35,6 +35,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(500, 200), "quick": Settings(5_000, 1_000), "full": Settings(50_000, 5_000)}
+FINAL_EXAMPLES = 1_000  # the sweep's final losses are not used here
 
 
 def budget(settings: Settings) -> str:
@@ -45,7 +46,8 @@ def budget(settings: Settings) -> str:
 def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]:
     """Train, then sample at each temperature and measure the samples."""
     run = SweepRun("lesson-kaiming", get_preset("lesson-kaiming").model, train_config(settings.steps))
-    model = run_sweep([run], data.splits, len(data.vocab), progress=progress, keep_models=True)[0].model
+    model = run_sweep([run], data.splits, len(data.vocab), progress=progress, keep_models=True,
+                      final_examples=FINAL_EXAMPLES)[0].model
     rows, examples = [], {}
     for temperature in TEMPERATURES:
         samples = sample_words(model, data.vocab, settings.words, temperature=temperature, seed=0)

@@ -26,6 +26,7 @@ from normlab.train import batchnorm_layers, calibrate_batchnorm, evaluate
 DIFFERENT, IDENTICAL = 1e-4, 1e-6  # train-mode logits differ by more than / eval-mode logits by at most
 CALIBRATION_SLACK = 0.01  # calibrated statistics may cost at most this much val loss over the running ones
 BATCH_SIZE = 32
+FINAL_EXAMPLES = 1_000  # the sweep's final losses are not used here: the val losses are measured on the whole split
 
 CLAIM = (f"In training mode one example's logits change with the rest of its batch (max abs difference across "
          f"batches > {DIFFERENT:g}); in eval mode they do not (<= {IDENTICAL:g}); and the population statistics "
@@ -92,7 +93,8 @@ def _gap(mean_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor) -> flo
 def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]:
     """Train, then probe the trained model."""
     run = SweepRun("lesson-batchnorm", get_preset("lesson-batchnorm").model, train_config(settings.steps))
-    trained = run_sweep([run], data.splits, len(data.vocab), progress=progress, keep_models=True)[0].model
+    trained = run_sweep([run], data.splits, len(data.vocab), progress=progress, keep_models=True,
+                        final_examples=FINAL_EXAMPLES)[0].model
     model = copy.deepcopy(trained).double()
     x_train = data.splits.train[0]
     example = data.splits.val[0][:1]
