@@ -168,12 +168,13 @@ class Embedding(nn.Module):
                 f"Expected tensor for argument #1 'indices' to have one of the following scalar types: Long, "
                 f"Int; but got {input.dtype} instead: convert the indices with .long()"
             )
-        if ((input < 0) | (input >= self.num_embeddings)).any():
+        try:  # index_select rejects negative and too large indices itself, with no extra pass over them
+            output = self.weight.index_select(0, input.reshape(-1)).view(*input.shape, -1)  # (*, embedding_dim)
+        except IndexError:
             raise IndexError(
                 f"index out of range in self: indices must lie in [0, {self.num_embeddings}), got values "
                 f"from {input.min().item()} to {input.max().item()}"
-            )
-        output = self.weight[input]  # (*, embedding_dim)
+            ) from None
         if self.padding_idx is None:
             return output
         # the padding row keeps its value but takes no gradient
