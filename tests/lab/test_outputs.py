@@ -21,7 +21,8 @@ def test_each_experiment_writes_its_result_figures_and_summary(tiny_lab, name):
     assert result["name"] == name and result["claim"] == EXPERIMENTS[name].claim
     assert result["verdict"] in (HOLDS, DOES_NOT_HOLD)
     assert result["config"]["mode"] == "tiny"
-    assert result["figures"] and all((folder / f).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for f in result["figures"])
+    assert result["figures"]
+    assert all((folder / figure).read_bytes().startswith(b"\x89PNG\r\n\x1a\n") for figure in result["figures"])
     summary = (folder / "summary.md").read_text(encoding="utf-8")
     assert EXPERIMENTS[name].claim in summary and f"**Verdict: {result['verdict']}**" in summary
 

@@ -134,10 +134,10 @@ def segment_histograms(
     hi = torch.full((segments.count,), float("-inf"), dtype=values.dtype, device=values.device)
     lo = lo.scatter_reduce_(0, segments.ids, values, reduce="amin")  # NaN propagates
     hi = hi.scatter_reduce_(0, segments.ids, values, reduce="amax")
-    # rounded up, so that a value exactly on an edge (x - lo exact) lands in the bin above it, as in numpy;
-    # inf for a constant segment, 0 or NaN for one holding Inf or NaN: their positions all become 0 below
-    scale = bins / (hi - lo)
-    scale = torch.nextafter(scale, torch.full_like(scale, float("inf")))
+    # bins / (hi - lo), nudged up by a few units in the last place so that a value exactly on an edge (x - lo
+    # exact) lands in the bin above it, as in numpy; inf for a constant segment, 0 or NaN for one holding Inf
+    # or NaN: their positions all become 0 below
+    scale = (hi - lo).reciprocal_().mul_(bins * (1 + 2.0**-21))
     # position in bin units, lo -> 0 and hi -> bins; the clamp keeps hi in the last bin. In place where
     # possible: large temporaries are costly on CPU.
     position = (values - lo.index_select(0, segments.ids)).mul_(scale.index_select(0, segments.ids))
