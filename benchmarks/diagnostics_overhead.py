@@ -1,8 +1,8 @@
 """Benchmark: training time with and without ``normlab.diagnostics.Monitor(every=100)``, side by side.
 
-The model is a plain ``torch.nn`` twin of the lesson-batchnorm recipe: Embedding(27, 10), flatten 3 positions,
-Linear(30, 200, bias=False), BatchNorm1d(200, momentum=0.001), Tanh, Linear(200, 27); SGD with lr 0.1,
-batch 32, random int tokens of a fixed seed as data. Two identical models train in the same process, one
+The model is normlab's ``lesson-batchnorm`` preset (normlab.nn layers, the reference path that ``normlab train
+--diagnose`` uses), trained with SGD at lr 0.1 and batch 32 on batches of the bundled names drawn with a fixed
+seed. Two identical models train in the same process, one
 without and one with a Monitor, in alternating blocks of ``--block`` steps (the order swapped every block),
 so that a shared machine's changing load hits both alike. Reports wall and CPU time per variant, the overhead
 ratio (target: at most +5%) from the totals and as the median over pairs of neighbouring blocks (robust to
@@ -25,23 +25,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from normlab.config import config_for_preset
 from normlab.diagnostics import Monitor
+from normlab.model import build_model
+from normlab.pipeline import load_data
 
-VOCAB, CONTEXT, EMBEDDING, HIDDEN, BATCH, LEARNING_RATE = 27, 3, 10, 200, 32, 0.1
-DATA_BATCHES = 1000
+BATCH, LEARNING_RATE, DATA_BATCHES = 32, 0.1, 1000
+CONFIG = config_for_preset("lesson-batchnorm")
+VOCAB, SPLITS = load_data(CONFIG)
 
 
 def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """The lesson-batchnorm model in plain torch.nn, and its SGD optimizer."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Embedding(VOCAB, EMBEDDING),
-        nn.Flatten(),
-        nn.Linear(CONTEXT * EMBEDDING, HIDDEN, bias=False),
-        nn.BatchNorm1d(HIDDEN, momentum=0.001),
-        nn.Tanh(),
-        nn.Linear(HIDDEN, VOCAB),
-    )
+    """normlab's lesson-batchnorm model and its SGD optimizer."""
+    model = build_model(CONFIG.model, len(VOCAB), seed=seed)
     return model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
 
 
@@ -61,10 +57,9 @@ class Trainer:
 
     def __post_init__(self) -> None:
         generator = torch.Generator().manual_seed(self.seed)
-        self.data = (
-            torch.randint(0, VOCAB, (DATA_BATCHES, BATCH, CONTEXT), generator=generator),
-            torch.randint(0, VOCAB, (DATA_BATCHES, BATCH), generator=generator),
-        )
+        x, y = SPLITS.train
+        index = torch.randint(0, len(x), (DATA_BATCHES, BATCH), generator=generator)
+        self.data = (x[index], y[index])
         self.model, self.optimizer = build(self.seed)
         self.monitor = Monitor(self.model, self.optimizer, every=self.every) if self.every else None
 
@@ -130,7 +125,7 @@ def main() -> None:
     ) * 1e3
     step_ms = statistics.median(plain.other_steps) * 1e3
     print(
-        f"lesson-batchnorm twin (torch.nn), {args.steps} steps per variant in blocks of {args.block}, "
+        f"lesson-batchnorm (normlab reference path), {args.steps} steps per variant in blocks of {args.block}, "
         f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
     )
     plain_line = f"wall {plain.wall_s:7.2f} s  cpu {plain.cpu_s:7.2f} s  ({step_ms:.3f} ms/step)"

@@ -27,14 +27,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from plain_loop import plain_evaluate, plain_model, plain_train  # noqa: E402
+from plain_loop import plain_evaluate, plain_model, plain_train
 
-from normlab.config import config_for_preset  # noqa: E402
-from normlab.fast import train_stacked  # noqa: E402
-from normlab.model import build_model  # noqa: E402
-from normlab.pipeline import load_data  # noqa: E402
-from normlab.stacked import StackedMLP  # noqa: E402
-from normlab.train import evaluate, train  # noqa: E402
+from normlab.config import config_for_preset
+from normlab.fast import train_stacked
+from normlab.model import build_model
+from normlab.pipeline import load_data
+from normlab.stacked import StackedMLP
+from normlab.train import evaluate, train
 
 TARGET_VAL = 2.10
 

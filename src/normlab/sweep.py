@@ -30,7 +30,7 @@ from normlab.stacked import SHAPE_FIELDS, StackedMLP, stacking_problem
 from normlab.train import SYNC_EVERY, TrainConfig, TrainEvents, evaluate, train
 
 Split = tuple[torch.Tensor, torch.Tensor]
-PARALLEL_MIN_STEPS = 100_000  # model-steps below which starting worker processes (seconds each) does not pay
+PARALLEL_MIN_STEPS = 20_000  # model-steps below which starting worker processes (about 2 s) does not pay
 
 
 @dataclass

@@ -124,3 +124,21 @@ def test_sigmoid_saturation_and_relu_dead_units_are_recorded(activation):
     else:
         expected = (hidden <= 0).all(dim=0).float().mean().item()
         assert monitor.diagnostics.value("1", m.ACT_DEAD, 0) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("preset", ["lesson-batchnorm", "lesson-deep", "wavenet"])
+def test_normlab_presets(preset):
+    from normlab.model import build_model, get_preset
+
+    config = get_preset(preset).model
+    model = build_model(config, VOCAB)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Monitor(model, optimizer, every=1) as monitor:
+        for step in range(3):
+            tokens, targets = batch(step)
+            tokens = tokens[:, :1].expand(-1, config.block_size).contiguous()  # contexts of the preset's length
+            train_step(model, optimizer, monitor, step, tokens, targets)
+    assert count_forward_hooks(model) == 0
+    tanh_layers = [name for name, info in monitor.diagnostics.modules.items() if info.type == "Tanh"]
+    assert len(tanh_layers) == config.n_layers
+    _assert_complete(monitor.diagnostics, ["layers.0", *tanh_layers, f"layers.{len(model.layers) - 1}"])
