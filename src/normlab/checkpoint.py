@@ -13,8 +13,6 @@ leaves a half-written file where a good one was. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,34 +25,12 @@ from safetensors.torch import save as save_safetensors
 from normlab.config import RunConfig
 from normlab.data import Vocab
 from normlab.errors import CheckpointError, NormlabError
+from normlab.files import atomic_write
 from normlab.model import LanguageModel, build_model
 
 CONFIG, VOCAB, MODEL, OPTIMIZER, METRICS = (
     "config.json", "vocab.json", "model.safetensors", "optimizer.safetensors", "metrics.jsonl")
 MODEL_FORMAT, OPTIMIZER_FORMAT = "normlab-model-1", "normlab-optimizer-1"
-
-
-def atomic_write(path: str | Path, data: bytes | str) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and `os.replace`."""
-    path = Path(path)
-    payload = data.encode("utf-8") if isinstance(data, str) else data
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
-        with os.fdopen(handle, "wb") as file:
-            file.write(payload)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -6,10 +6,12 @@ Runs that can share the stacked path (`normlab.stacked.stacking_problem` is None
 models; every other run goes through the reference loop `train.train`. A run whose loss becomes NaN/Inf is a
 result, not a crash: its `diverged_at` says at which step, and its final losses are NaN.
 
-Independent chunks are spread over worker processes (spawned, one thread each) when there are at least two
-of them and more than one CPU core; measured on the 2-core machine this project targets, two one-thread
-processes train two chunks in about half the time that one process with two threads needs, because a
-lesson-sized step is far too small for two threads to share. One progress bar counts the steps of every run.
+Chunks train with one thread each: measured on this project's 2-core machine (24 lesson-sized runs x 3,000 steps
+in four chunks), one process took 22.3 s with one thread and 22.8 s with two, and two one-thread worker processes
+took 13.7 s, start-up included; with the other core busy, two threads in one process ran up to 5x slower than one.
+So independent chunks go to two spawned worker processes when there are at least two chunks and enough work to
+pay for starting them (`PARALLEL_MIN_STEPS`), else they train here one after the other. One progress bar counts
+the steps of every run.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 
 import torch
 
+from normlab.data import Splits
 from normlab.errors import ConfigError, TrainingDiverged
 from normlab.fast import SHARED_FIELDS, evaluate_stacked, train_stacked
 from normlab.model import LanguageModel, ModelConfig, build_model
@@ -99,36 +102,31 @@ class _Job:
     keep_models: bool
 
 
-def run_sweep(runs: Sequence[SweepRun], splits: Any, vocab_size: int, *, progress: bool = True,
+def run_sweep(runs: Sequence[SweepRun], splits: Splits, vocab_size: int, *, progress: bool = True,
               processes: int | None = None, keep_models: bool = False, snapshot_steps: Sequence[int] = (),
               final_examples: int | None = None, group_size: int = 8) -> list[SweepResult]:
     """Train every run and return their results in the order of `runs`.
 
-    `splits` is a `normlab.data.Splits` (its train and val pairs are used). `processes`: worker processes,
-    None for automatic (2 when there are at least two chunks and two CPU cores, else 1 in this process).
-    `snapshot_steps`: steps (0 = at initialisation) after which to keep a copy of each model. `final_examples`:
-    evaluate the final losses on fixed random subsets of at most that many examples (None: the whole splits).
+    `splits`: the train and val pairs are used. `processes`: worker processes, or None for automatic: 2 when
+    there are at least two chunks, two CPU cores and `PARALLEL_MIN_STEPS` steps of work in all, else 1 (this
+    process). `keep_models`: return each trained model. `snapshot_steps`: steps (0 = at initialisation) after which
+    to keep a copy of each model. `final_examples`: evaluate the final losses on fixed random subsets of at most
+    that many examples (None: the whole splits). `group_size`: the most runs trained together in one chunk.
     """
     _check_runs(runs, snapshot_steps, processes, final_examples, group_size)
     chunks = sorted(_chunks(runs, group_size), key=lambda chunk: -chunk.cost)
     final_train, final_val = _subset(splits.train, final_examples, 1), _subset(splits.val, final_examples, 2)
     job = _Job(splits.train, splits.val, final_train, final_val, vocab_size, tuple(sorted(set(snapshot_steps))),
                keep_models)
+    work = sum(run.train.steps for run in runs)
     if processes is None:
-        work = sum(run.train.steps for run in runs)
         processes = 2 if len(chunks) >= 2 and work >= PARALLEL_MIN_STEPS and (os.cpu_count() or 1) >= 2 else 1
-    processes = min(processes, len(chunks))
-    bar = _bar(sum(run.train.steps for run in runs), progress)
+    bar = _bar(work, progress)
     try:
-        if processes == 1:
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                outputs = [_train_chunk(chunk, job, bar.update if bar else None) for chunk in chunks]
-            finally:
-                torch.set_num_threads(threads)
+        if min(processes, len(chunks)) == 1:
+            outputs = _in_this_process(chunks, job, bar)
         else:
-            outputs = _in_processes(chunks, job, processes, bar)
+            outputs = _in_processes(chunks, job, min(processes, len(chunks)), bar)
     finally:
         if bar is not None:
             bar.close()
@@ -323,6 +321,16 @@ def _bar(total: int, enabled: bool) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ processes
+def _in_this_process(chunks: list[_Chunk], job: _Job, bar: Any) -> list[list[dict[str, Any]]]:
+    """Train the chunks one after the other here, with one thread (the thread setting is restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return [_train_chunk(chunk, job, bar.update if bar is not None else None) for chunk in chunks]
+    finally:
+        torch.set_num_threads(threads)
+
+
 _worker_job: _Job | None = None
 _worker_queue: Any = None
 

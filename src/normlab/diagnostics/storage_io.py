@@ -5,39 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
+from safetensors.numpy import save
+
+from normlab.files import atomic_write
 
 SCALARS_FILE = "scalars.csv"
 HISTOGRAMS_FILE = "histograms.safetensors"
 SCALAR_COLUMNS = ["step", "layer", "metric", "value"]
 
 
-def _temporary_path(path: Path) -> Path:
-    handle, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    return Path(name)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    temporary = _temporary_path(path)
-    try:
-        temporary.write_bytes(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
-    """UTF-8 text version of :func:`atomic_write_bytes`."""
-    atomic_write_bytes(path, text.encode("utf-8"))
+    """Write UTF-8 ``text`` to ``path`` atomically (a temporary file, then ``os.replace``)."""
+    atomic_write(path, text)
 
 
 def write_scalars(directory: Path, rows: list[tuple[int, str, str, float]]) -> None:
@@ -87,13 +71,7 @@ def write_histograms(directory: Path, histograms: Mapping[tuple[str, str], Mappi
         "counts": np.stack([np.asarray(h.counts) for _, _, h in entries]).astype(np.int32),
     }
     metadata = {"series": json.dumps([list(key) for key in series])}
-    path = directory / HISTOGRAMS_FILE
-    temporary = _temporary_path(path)
-    try:
-        save_file(tensors, str(temporary), metadata=metadata)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    atomic_write(directory / HISTOGRAMS_FILE, save(tensors, metadata=metadata))
 
 
 def read_histograms(directory: Path) -> Iterator[tuple[int, str, str, np.ndarray, float, float]]:
