@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.setup-done
 
-.PHONY: setup run test browser bench lab clean
+.PHONY: setup run test browser bench lab lab-quick clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,18 @@ browser:
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null 2>&1; } || \
 	  echo "note: chromium could not be installed; the browser test of report.html will be skipped"
 
+# Benchmarks print their tables and one JSON line each; ANCHOR is the lesson's names file (never in the repo).
+ANCHOR ?= ../shared/anchors/names.txt
 bench: setup
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/speed.py --data $(ANCHOR)
+	$(PY) benchmarks/diagnostics_overhead.py
+	$(PY) benchmarks/lesson_losses.py --data $(ANCHOR)
+
+# Every claim of the lesson, measured: `make lab` (full, under an hour) or `make lab-quick` (under ten minutes).
+lab: setup
+	$(VENV)/bin/normlab lab run all --force
+lab-quick: setup
+	$(VENV)/bin/normlab lab run all --quick --force --out lab-quick
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs lab lab-quick

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
     inspect.add_argument("--batch", type=int, default=256, help="examples in the batch")
     inspect.set_defaults(handler=_inspect)
+
+    from normlab.lab.cli import add_lab_commands
+
+    add_lab_commands(commands)
     return parser
 
 
@@ -184,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # the reader went away (`normlab presets | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from normlab.errors import ConfigError
+from normlab.errors import ConfigError, DataError
 from normlab.lab import DOES_NOT_HOLD, EXPERIMENTS, HOLDS, run_experiment, run_experiments
 
 ROBUST = ("depth", "saturation", "init-schemes", "softmax-init", "train-vs-eval", "temperature")
@@ -67,3 +67,12 @@ def test_an_existing_result_is_kept_unless_forced(tmp_path, lab_data):
 def test_bad_names_and_modes_are_refused(tmp_path, lab_data, names, mode, message):
     with pytest.raises(ConfigError, match=message):
         run_experiments(names, mode=mode, out=tmp_path, data=lab_data, progress=False)
+
+
+def test_a_bad_output_folder_or_words_file_is_refused_before_writing(tmp_path):
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ConfigError, match="is a file: give a folder"):
+        run_experiments(["depth"], mode="tiny", out=tmp_path / "taken", progress=False)
+    with pytest.raises(DataError, match="does not exist"):
+        run_experiments(["depth"], mode="tiny", out=tmp_path / "lab", data=tmp_path / "missing.txt", progress=False)
+    assert not (tmp_path / "lab").exists()

@@ -46,7 +46,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings((2, 16, 128), 300, 2_000), "quick": Settings((2, 4, 16, 64, 256), 1_500, 20_000),
-            "full": Settings((2, 4, 8, 16, 32, 64, 128, 256), 10_000, None)}
+            "full": Settings((2, 4, 8, 16, 32, 64, 128, 256), 20_000, None)}
 
 
 def budget(settings: Settings) -> str:

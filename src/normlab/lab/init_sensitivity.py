@@ -46,7 +46,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(200, 500, 2_000), "quick": Settings(2_000, 2_000, 20_000),
-            "full": Settings(30_000, 5_000, None)}
+            "full": Settings(50_000, 5_000, None)}
 
 
 def budget(settings: Settings) -> str:

@@ -45,7 +45,7 @@ class Settings:
     final_examples: int | None
 
 
-SETTINGS = {"tiny": Settings(200, 2_000), "quick": Settings(2_000, 20_000), "full": Settings(30_000, None)}
+SETTINGS = {"tiny": Settings(200, 2_000), "quick": Settings(2_000, 20_000), "full": Settings(50_000, None)}
 
 
 def budget(settings: Settings) -> str:

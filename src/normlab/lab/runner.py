@@ -53,12 +53,13 @@ def run_experiment(name: str, *, mode: str = "full", out: str | Path = "lab", da
 def run_experiments(names: Sequence[str], *, mode: str = "full", out: str | Path = "lab",
                     data: LabData | str | Path | None = None, progress: bool = True, force: bool = False,
                     index: bool = False, log: Callable[[str], None] | None = None) -> list[LabResult]:
-    """Run the named experiments one after the other (`["all"]`: every one, and the index page).
-
-    `progress` shows the sweeps' progress bars; `log`, if given, receives a line as each experiment starts and ends.
+    """Run the named experiments one after the other (`["all"]`: every one, and the index page); returns their
+    results in order.
 
     Everything is checked before any work starts: the names, the mode, and that no folder (nor the index page)
-    would be replaced without `force`. `data` is loaded once: a `LabData`, a words file, or None (bundled names).
+    would be replaced without `force`. `data` is loaded once: a `LabData`, a words file, or None (the bundled
+    names). `progress` shows the sweeps' progress bars; `log`, if given, gets a line as each experiment starts and
+    ends.
     """
     if mode not in MODES:
         raise ConfigError(f"unknown lab mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -66,15 +67,17 @@ def run_experiments(names: Sequence[str], *, mode: str = "full", out: str | Path
         names, index = list(EXPERIMENTS), True
     experiments = [get_experiment(name) for name in names]
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} is a file: give a folder (it is created if missing)")
     targets = [out / experiment.name for experiment in experiments] + ([out / INDEX] if index else [])
     if not force:
         taken = [str(path) for path in targets if _occupied(path)]
         if taken:
             raise ConfigError(f"{', '.join(taken)} already exist(s) and would be replaced: pass --force to replace "
                               "them, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     if not isinstance(data, LabData):
         data = LabData.load(data)
+    out.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # lesson-sized work: a second thread gains little and costs much on a busy machine
     try:

@@ -29,13 +29,13 @@ LEARNING_RATES = (0.1, 0.5, 1.0, 1.5, 2.0)
 LESSON_LR = 0.1
 THRESHOLD = 0.97  # |tanh| beyond this is saturated
 INIT_LOW, INIT_HIGH = 0.05, 0.5  # saturated share at the smallest / largest weight scale: below / above
-HEALTHY, DAMAGED = 0.05, 0.2  # dead or saturated share at the end: the lesson's rate below, some higher rate above
+HEALTHY, DEAD, SATURATED = 0.05, 0.2, 0.5  # peak shares during training: below / above
 
 CLAIM = (f"At initialisation the share of saturated tanh outputs never falls as the weight scale grows, from below "
-         f"{INIT_LOW:.0%} at scale {SCALES[0]:g} to above {INIT_HIGH:.0%} at scale {SCALES[-1]:g}. In training, the "
-         f"lesson's learning rate {LESSON_LR:g} ends with under {HEALTHY:.0%} dead ReLU units, while some higher rate "
-         f"of the grid that does not diverge ends with over {DAMAGED:.0%} dead ReLU units, and one ends with over "
-         f"{DAMAGED:.0%} saturated tanh outputs.")
+         f"{INIT_LOW:.0%} at scale {SCALES[0]:g} to above {INIT_HIGH:.0%} at scale {SCALES[-1]:g}. In training (peak "
+         f"share over the snapshots), the lesson's learning rate {LESSON_LR:g} keeps dead ReLU units under "
+         f"{HEALTHY:.0%}, while some higher rate of the grid that does not diverge kills over {DEAD:.0%} of them, and "
+         f"some higher rate saturates over {SATURATED:.0%} of the tanh outputs.")
 
 
 @dataclass(frozen=True)
@@ -97,17 +97,17 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
     return {"settings": asdict(settings), "scales": list(SCALES), "at_init": at_init, "training": training}
 
 
-def _final(measurements: dict[str, Any], activation: str) -> dict[float, float | None]:
-    """The share at the end of each run of `activation` that did not diverge."""
-    return {run["lr"]: run["share"][-1] for run in measurements["training"]
-            if run["activation"] == activation and run["diverged_at"] is None and run["share"][-1] is not None}
+def _peaks(measurements: dict[str, Any], activation: str) -> dict[float, float]:
+    """The largest share during training (after step 0) of each run of `activation` that did not diverge."""
+    return {run["lr"]: max(share for share in run["share"][1:] if share is not None)
+            for run in measurements["training"] if run["activation"] == activation and run["diverged_at"] is None}
 
 
 def check(measurements: dict[str, Any]) -> Verdict:
     """Apply the rule of `CLAIM`."""
     saturated = measurements["at_init"]["tanh"]
     rising = all(b >= a for a, b in zip(saturated, saturated[1:]))
-    dead, tanh = _final(measurements, "relu"), _final(measurements, "tanh")
+    dead, tanh = _peaks(measurements, "relu"), _peaks(measurements, "tanh")
     dead_lesson = dead.get(LESSON_LR)
     dead_high = max((share for lr, share in dead.items() if lr > LESSON_LR), default=None)
     saturated_high = max((share for lr, share in tanh.items() if lr > LESSON_LR), default=None)
@@ -116,11 +116,11 @@ def check(measurements: dict[str, Any]) -> Verdict:
               rising and saturated[0] < INIT_LOW and saturated[-1] > INIT_HIGH,
               "saturated " + ", ".join(f"{s:.1%}" for s in saturated)),
         Check(f"ReLU at lr {LESSON_LR:g}: few dead units", dead_lesson is not None and dead_lesson < HEALTHY,
-              f"dead at the end {number(dead_lesson, '.1%')}"),
-        Check("ReLU at a higher lr: many dead units", dead_high is not None and dead_high > DAMAGED,
-              f"most dead at the end of a non-diverged run {number(dead_high, '.1%')}"),
-        Check("tanh at a higher lr: saturated", saturated_high is not None and saturated_high > DAMAGED,
-              f"most saturated at the end of a non-diverged run {number(saturated_high, '.1%')}"),
+              f"peak dead share {number(dead_lesson, '.1%')}"),
+        Check("ReLU at a higher lr: many dead units", dead_high is not None and dead_high > DEAD,
+              f"highest peak dead share of a non-diverged run {number(dead_high, '.1%')}"),
+        Check("tanh at a higher lr: saturated", saturated_high is not None and saturated_high > SATURATED,
+              f"highest peak saturated share of a non-diverged run {number(saturated_high, '.1%')}"),
     ))
 
 
@@ -146,12 +146,15 @@ def draw(measurements: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(measurements: dict[str, Any]) -> list[str]:
-    """Per run: the share at the start and end, the final val loss."""
-    rows = [[run["activation"], f"{run['lr']:g}", number(run["share"][0], ".1%"), number(run["share"][-1], ".1%"),
-             number(run["val_loss"]), str(run["diverged_at"] if run["diverged_at"] is not None else "")]
-            for run in measurements["training"]]
-    return markdown_table(["activation", "lr", "share at start", "share at end", "val loss", "diverged at step"],
-                          rows)
+    """Per run: the share at the start, its peak and at the end, the final val loss."""
+    rows = []
+    for run in measurements["training"]:
+        later = [share for share in run["share"][1:] if share is not None]
+        rows.append([run["activation"], f"{run['lr']:g}", number(run["share"][0], ".1%"),
+                     number(max(later) if later else None, ".1%"), number(run["share"][-1], ".1%"),
+                     number(run["val_loss"]), str(run["diverged_at"] if run["diverged_at"] is not None else "")])
+    return markdown_table(["activation", "lr", "share at start", "peak share", "share at end", "val loss",
+                           "diverged at step"], rows)
 
 
 EXPERIMENT = Experiment("saturation", "saturated and dead units at initialisation and with too high a learning rate",

@@ -45,7 +45,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(300, 3, 2_000), "quick": Settings(3_000, 5, 20_000),
-            "full": Settings(30_000, 10, None)}
+            "full": Settings(50_000, 10, None)}
 
 
 def budget(settings: Settings) -> str:
