@@ -32,10 +32,14 @@ from normlab.train import (
     batch_block_length,
     learning_rate,
     show_progress,
+    torch_threads,
 )
 
 CHUNK = 10  # steps per compiled call (measured best on 2 cores); divides SYNC_EVERY, so chunks never straddle a sync
 COMPILE_MIN_STEPS = 20_000
+# Below this many hidden activations per step (models × batch × width) one thread is as fast as two on 2 cores,
+# and much faster when the other core is busy: small operations spend their time synchronising threads.
+ONE_THREAD_MAX_WORK = 2**20
 SHARED_FIELDS = ("steps", "batch_size", "optimizer", "eval_every", "checkpoint_every", "device")
 SCHEDULE_FIELDS = ("lr", "schedule", "lr_decay_step", "lr_decay_factor", "warmup_steps", "min_lr_factor", "steps")
 
@@ -114,11 +118,23 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
     `log(i, row)` receives model i's metrics rows, `checkpoint(step)` is called as in `train.train`. With
     `on_divergence="raise"` a NaN/Inf loss raises `TrainingDiverged`; with "record" the other models go on and
     the return value maps each diverged model to the step where its loss first became NaN/Inf. Compiled runs
-    (`should_compile`) take steps in chunks of `chunk_size` and stop for Ctrl-C at the end of a chunk.
+    (`should_compile`) take steps in chunks of `chunk_size` and stop for Ctrl-C at the end of a chunk. Small
+    work runs on one torch thread (`ONE_THREAD_MAX_WORK`); the setting is restored afterwards.
     """
     for config in configs:
         config.validate()
     check_lockstep(configs)
+    work = stacked.num_models * configs[0].batch_size * max(block.weight.shape[2] for block in stacked.hidden)
+    with torch_threads(1 if work <= ONE_THREAD_MAX_WORK else None):
+        return _train_stacked(stacked, train_xy, val_xy, configs, optimizer, start_step, log, checkpoint,
+                              on_divergence, progress, chunk_size)
+
+
+def _train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tensor],
+                   val_xy: tuple[torch.Tensor, torch.Tensor], configs: Sequence[TrainConfig],
+                   optimizer: StackedOptimizer | None, start_step: int,
+                   log: Callable[[int, dict[str, Any]], None] | None, checkpoint: Callable[[int], None] | None,
+                   on_divergence: str, progress: bool, chunk_size: int) -> dict[int, int]:
     first = configs[0]
     device = torch.device(first.device)
     count = stacked.num_models

@@ -7,10 +7,11 @@ one would; the learning rate is a pure function of the step too.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,6 +206,18 @@ def _divergence_message(step: int, value: float, config: TrainConfig) -> str:
     return (f"the loss became {kind} at step {step} (learning rate {learning_rate(config, step):g}). Likely cause: "
             "the learning rate is too high for this initialisation, so activations or gradients exploded. Try a "
             "lower train.lr, train.grad_clip, a norm layer (model.norm=batch) or a smaller model.weight_scale")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` torch intra-op threads (None: leave the setting alone), then restore it."""
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 class LossWindow:

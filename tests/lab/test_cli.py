@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from normlab.cli import main
 from normlab.errors import ConfigError
 from normlab.lab import EXPERIMENTS, add_lab_commands, softmax_init
 
@@ -41,7 +42,10 @@ def test_lab_run_writes_one_experiment_and_keeps_it_unless_forced(tmp_path, monk
     assert _main(argv + ["--force"]) == 0
 
 
-def test_a_bad_experiment_name_is_one_clear_error_and_writes_nothing(tmp_path):
+def test_a_bad_experiment_name_is_one_clear_error_and_writes_nothing(tmp_path, capsys):
     with pytest.raises(ConfigError, match=r"unknown experiment 'nope': choose one of depth, .*, batch-coupling or all"):
         _main(["lab", "run", "nope", "--out", str(tmp_path / "lab")])
+    assert main(["lab", "run", "nope", "--out", str(tmp_path / "lab")]) == 2  # through the normlab command
+    error = capsys.readouterr().err
+    assert error.startswith("normlab: error: unknown experiment 'nope'") and error.count("\n") == 1
     assert not (tmp_path / "lab").exists()

@@ -6,8 +6,8 @@ MLP (momentum 0.1 so that short runs have settled running statistics), trained o
 calibrated population statistics. The representation check sets γ = √(σ²_B + ε) and β = μ_B on a trained layer
 and compares its train-mode output on a batch with its input, in float64.
 
-Budget: tiny 2 x 2 runs x 300 steps; quick 2 x 3 runs x 3,000 steps (about 15 s: the runs without γ/β take the
-reference loop); full 2 x 5 runs x 20,000 steps (about 2 minutes).
+Budget (the runs without γ/β take the reference loop): tiny 2 x 2 runs x 300 steps; quick 2 x 3 runs x 3,000 steps
+(about 10 s on 2 cores); full 2 x 5 runs x 20,000 steps (about 30 s).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ with statistics of its batch, so its small-batch runs also suffer from noisy sta
 batch and running statistics; the per-example norms do not.
 
 Budget (one run per norm and batch size; the batch size cannot be stacked): tiny 5 x 3 runs x 300 steps; quick
-5 x 5 runs x 1,500 steps (about 30 s); full 5 x 8 runs x 10,000 steps (about 4 minutes).
+5 x 5 runs x 1,500 steps (about 15 s on 2 cores); full 5 x 8 runs x 20,000 steps (about 3 minutes).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ examples records, for each Tanh, the std of its output, the std of the gradient 
 saturated outputs (|t| > 0.97), with `normlab.diagnostics.inspect_model`.
 
 Budget (no training; 8 models, one pass each): tiny 20 layers of 64 on 256 examples; quick 50 layers of 200 on
-1,000 examples (about 3 s); full 50 layers of 200 on 4,096 examples (about 10 s).
+1,000 examples (about 4 s on 2 cores, with the figure); full 50 layers of 200 on 4,096 examples (about 20 s).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def draw(measurements: dict[str, Any]) -> dict[str, Any]:
     """Activation std, gradient std and saturated share per layer: a column per norm, a line per gain."""
     from normlab.diagnostics.figures import new_grid
 
-    figure, axes = new_grid(3, 2, 12.0, 10.0)
+    figure, axes = new_grid(3, 2, 14.0, 10.0)
     for column, norm in enumerate(NORMS):
         for gain in measurements["gains"]:
             curve = _curve(measurements, norm, gain)
@@ -149,9 +149,9 @@ def draw(measurements: dict[str, Any]) -> dict[str, Any]:
             axes[0][column].semilogy(layers, curve["act_std"], label=label)
             axes[1][column].semilogy(layers, curve["grad_std"], label=label)
             axes[2][column].plot(layers, [100 * s for s in curve["saturated"]], label=label)
-        title = "no norm" if norm == "none" else "BatchNorm (the gains' lines coincide)"
+        title = "no norm" if norm == "none" else "BatchNorm (gains coincide)"
         axes[0][column].set_title(f"{title}: std of each tanh's output")
-        axes[1][column].set_title(f"{title}: std of the gradient reaching each tanh")
+        axes[1][column].set_title(f"{title}: std of the gradient at each tanh")
         axes[2][column].set_title(f"{title}: saturated outputs (|t| > 0.97), %")
         for row in axes:
             row[column].set_xlabel("layer")

@@ -4,8 +4,8 @@ for the same training budget.
 The lesson's deep MLP shape (5 hidden layers of 100, Kaiming weights then multiplied by the scale, output weights
 x0.01), trained with the lesson's SGD recipe (learning rate 0.1, then 0.01 from half way).
 
-Budget (14 runs in two stacked groups): tiny 14 x 200 steps; quick 14 x 2,000 steps (about 15 s); full 14 x
-30,000 steps (about 2 minutes).
+Budget (14 runs in two stacked groups): tiny 14 x 200 steps; quick 14 x 2,000 steps (about 10 s on 2 cores); full
+14 x 50,000 steps (about 2 minutes).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ The same 5-layer MLP as init-sensitivity (Kaiming init, scale 1), trained with S
 way). A run is *stable* when its final val loss is finite and below -log(1/vocab) (it learned something); it is
 *good* when its final val loss is within 0.1 of the best of its norm over the grid.
 
-Budget (14 runs in two stacked groups): tiny 14 x 200 steps; quick 14 x 2,000 steps (about 15 s); full 14 x
-30,000 steps (about 2 minutes).
+Budget (14 runs in two stacked groups): tiny 14 x 200 steps; quick 14 x 2,000 steps (about 12 s on 2 cores); full
+14 x 50,000 steps (about 70 s).
 """
 
 from __future__ import annotations

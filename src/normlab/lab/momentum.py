@@ -7,8 +7,8 @@ tracking error of a run is the root mean square over features of (running mean -
 std and log(running std / population std), the population being the BatchNorm input over the train examples
 (a fixed subset in quick mode).
 
-Budget (7 runs in one stacked group): tiny 7 x 400 steps; quick 7 x 4,000 steps (about 10 s); full 7 x 40,000
-steps (about 1 minute).
+Budget (7 runs in one stacked group): tiny 7 x 400 steps; quick 7 x 4,000 steps (about 5 s on 2 cores); full
+7 x 40,000 steps (about 20 s).
 """
 
 from __future__ import annotations

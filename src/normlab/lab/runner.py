@@ -3,7 +3,7 @@ folder (`OUT/NAME/`), and `OUT/index.html` with every experiment of a run.
 
 An existing non-empty experiment folder (or index page) is never replaced unless `force=True`; with it, the new
 folder is written in full beside the old one and swapped in by renames, so an interrupted run leaves either the
-old result or the new one, never a mixture. Every file is written with `normlab.checkpoint.atomic_write`.
+old result or the new one, never a mixture. Every file is written with `normlab.files.atomic_write`.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from normlab.checkpoint import atomic_write
 from normlab.errors import ConfigError
+from normlab.files import atomic_write
 from normlab.lab.common import MODES, Check, Experiment, LabData
 from normlab.lab.registry import EXPERIMENTS, get_experiment
 

@@ -6,8 +6,8 @@ measured in eval mode on a fixed batch of training examples: saturated = share o
 dead = share of ReLU units that are not positive for any example of the batch (`normlab.diagnostics.stats`).
 Training uses a constant learning rate, with snapshots every tenth of the run.
 
-Budget: tiny 10 runs x 300 steps; quick 10 runs x 3,000 steps (about 10 s); full 10 runs x 20,000 steps (about
-1 minute); plus 14 models inspected at initialisation.
+Budget (plus 14 models inspected at initialisation): tiny 10 runs x 300 steps; quick 10 runs x 3,000 steps (about
+4 s on 2 cores); full 10 runs x 20,000 steps (about 30 s).
 """
 
 from __future__ import annotations

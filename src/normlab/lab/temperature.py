@@ -4,8 +4,8 @@ samples for temperatures from 0.3 to 2.
 One `lesson-kaiming` model is trained, then the same number of words is sampled at each temperature (the same
 seed each time). The entropy is the mean entropy (nats) of the distributions each character was drawn from.
 
-Budget: tiny 1 run x 500 steps, 200 words per temperature; quick 1 run x 5,000 steps, 1,000 words (about 5 s);
-full 1 run x 50,000 steps, 5,000 words (about 30 s).
+Budget: tiny 1 run x 500 steps, 200 words per temperature; quick 1 run x 5,000 steps, 1,000 words (about 1 s on
+2 cores); full 1 run x 50,000 steps, 5,000 words (about 5 s).
 """
 
 from __future__ import annotations
