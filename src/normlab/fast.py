@@ -30,6 +30,7 @@ from normlab.train import (
     _progress_bar,
     batch_block,
     batch_block_length,
+    evaluate,
     learning_rate,
     show_progress,
     torch_threads,
@@ -221,7 +222,8 @@ def evaluate_stacked(stacked: StackedMLP, splits: Sequence[tuple[torch.Tensor, t
     if sizes == {0}:
         return [float("nan")] * len(splits)
     if len(sizes) > 1:  # different sizes cannot share one stacked forward: one model at a time
-        return [evaluate_stacked_one(stacked, i, x, y) for i, (x, y) in enumerate(splits)]
+        models = stacked.to_models()
+        return [evaluate(models[i], x, y) for i, (x, y) in enumerate(splits)]
     total = torch.zeros(len(splits), dtype=torch.float64, device=device)
     n = sizes.pop()
     for start in range(0, n, batch_size):
@@ -231,10 +233,3 @@ def evaluate_stacked(stacked: StackedMLP, splits: Sequence[tuple[torch.Tensor, t
         log_probs = torch.log_softmax(logits.double(), dim=2)
         total -= log_probs.gather(2, targets.unsqueeze(2)).sum((1, 2))
     return (total / n).tolist()
-
-
-def evaluate_stacked_one(stacked: StackedMLP, index: int, x: torch.Tensor, y: torch.Tensor) -> float:
-    """Loss of model `index` alone on (x, y)."""
-    from normlab.train import evaluate
-
-    return evaluate(stacked.to_models()[index], x, y)

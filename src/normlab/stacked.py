@@ -12,7 +12,6 @@ starts exactly where M separate runs would), and `to_models` copies them back.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -299,8 +298,3 @@ def unstack_like(stacked: torch.Tensor, index: int, like: torch.Tensor) -> torch
 def per_model_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
     """A (M, 1, 1) tensor of per-model values, for broadcasting over stacked parameters."""
     return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)
-
-
-def count_parameters(stacked: StackedMLP) -> int:
-    """Trainable values of one of the M models."""
-    return sum(math.prod(p.shape[1:]) for p in stacked.parameters())
