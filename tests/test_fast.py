@@ -47,7 +47,7 @@ def test_stacked_runs_follow_their_reference_runs(changes):
     models = [build_model(m, VOCAB, seed=c.seed).double() for m, c in zip(model_configs, configs)]
     stacked = StackedMLP.from_models(models, model_configs)
     logged: dict[int, list[dict]] = {0: [], 1: [], 2: []}
-    optimizer = StackedOptimizer(stacked.parameters(), configs)
+    optimizer = StackedOptimizer(stacked, configs)
     train_stacked(stacked, TRAIN, VAL, configs, optimizer=optimizer, progress=False,
                   log=lambda i, row: logged[i].append(row))
     for i, (model_config, config) in enumerate(zip(model_configs, configs)):
@@ -68,11 +68,11 @@ def test_optimizer_state_survives_export_and_import():
     model_configs = [dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=8)] * 2
     configs = [dataclasses.replace(BASE, optimizer="adamw", lr=1e-2, steps=5, seed=s) for s in (1, 2)]
     stacked = StackedMLP.build(model_configs, VOCAB, [1, 2])
-    optimizer = StackedOptimizer(stacked.parameters(), configs)
+    optimizer = StackedOptimizer(stacked, configs)
     train_stacked(stacked, TRAIN, VAL, configs, optimizer=optimizer, progress=False)
     models = stacked.to_models()
     states = [optimizer.state_dict_for(i, make_optimizer(m, c)) for i, (m, c) in enumerate(zip(models, configs))]
-    restored = StackedOptimizer(StackedMLP.from_models(models, model_configs).parameters(), configs)
+    restored = StackedOptimizer(StackedMLP.from_models(models, model_configs), configs)
     restored.load_state_dicts(states, 5)
     assert int(restored.step_count) == 5
     for mine, theirs in zip(restored.buffers, optimizer.buffers):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.model import ModelConfig, build_model
-from normlab.stacked import StackedMLP, stacking_problem
+from normlab.stacked import StackedMLP, stacking_problem, unstack_as
 
 VOCAB = 27
 
@@ -48,11 +48,7 @@ def test_loss_gradients_and_buffers_equal_autograd_on_separate_models(norm, acti
 
 
 def _unstacked_grads(stacked, grads, index, model):
-    out = [grads[0][index]]
-    for grad, like in list(zip(grads, model.parameters()))[1:]:
-        part = grad[index]
-        out.append(part.T if like.dim() == 2 else part.reshape(like.shape))
-    return out
+    return [unstack_as(layout, grad, index) for layout, grad in zip(stacked.layouts, grads)]
 
 
 def test_eval_mode_uses_running_statistics_like_the_model():

@@ -18,4 +18,8 @@ class CheckpointError(NormlabError):
 
 
 class TrainingDiverged(NormlabError):
-    """The loss became NaN or Inf; the message names the step and the likely cause."""
+    """The loss became NaN or Inf at `step` (0-based); the message names the step and the likely cause."""
+
+    def __init__(self, message: str, step: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step

@@ -132,7 +132,7 @@ def _train_stacked(run: RunDir, model: LanguageModel, splits: Splits, start_step
     can resume a run of the other."""
     config = run.config
     stacked = StackedMLP.from_models([model], [config.model])
-    optimizer = StackedOptimizer(stacked.parameters(), [config.train])
+    optimizer = StackedOptimizer(stacked, [config.train])
     if optimizer_state:
         reference_optimizer = make_optimizer(model, config.train)
         run.load_optimizer(reference_optimizer, start_step)

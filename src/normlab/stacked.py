@@ -68,13 +68,14 @@ class StackedMLP:
         self.groups = first.norm_groups if first.norm == "group" else 1
         self.embedding = embedding  # (M, V, E)
         self.hidden = hidden
-        self.output_weight = output_weight  # (M, H, V)
-        self.output_bias = output_bias  # (M, 1, V)
+        self.output_weight = output_weight  # (M, V, H): torch's layout, so the logits come out as (M, V, B)
+        self.output_bias = output_bias  # (M, V, 1)
         self.vocab_size = vocab_size
         device = embedding.device
         self.bn_momentum = per_model_view([c.bn_momentum for c in configs], embedding)
         self.eps = 1e-5
         self._offsets = torch.arange(self.num_models, device=device) * vocab_size
+        self.layouts = parameter_layouts(first)  # how each of a model's parameters() is stacked
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
@@ -88,10 +89,10 @@ class StackedMLP:
         if configs[0].norm == "rms" and any(m.eps is not None for m in models[0].modules() if hasattr(m, "eps")
                                             and type(m).__name__ == "RMSNorm"):
             raise ValueError("the stacked path's RMSNorm uses eps=None (the machine epsilon)")
-        groups = list(zip(*(m.parameters() for m in models)))
-        params = [torch.stack([t.detach() for t in groups[0]])]  # the embedding tables, as they are: (M, V, E)
-        params += [stack_like_model(list(group)) for group in groups[1:]]
-        buffers = [stack_like_model(list(group)) for group in zip(*(m.buffers() for m in models))]
+        params = [stack_as(layout, group) for layout, group in
+                  zip(parameter_layouts(configs[0]), zip(*(m.parameters() for m in models)))]
+        buffers = [stack_as(layout, group) for layout, group in
+                   zip(buffer_layouts(configs[0]), zip(*(m.buffers() for m in models)))]
         stacked = cls.__new__(cls)
         stacked._assign(configs, params, buffers, models[0].vocab_size)
         return stacked
@@ -135,11 +136,10 @@ class StackedMLP:
         with torch.no_grad():
             for i, config in enumerate(self.configs):
                 model = build_model(config, self.vocab_size, seed=0).to(self.embedding.device, self.embedding.dtype)
-                model.layers[0].weight.copy_(self.embedding[i])
-                for target, source in list(zip(model.parameters(), self.parameters()))[1:]:
-                    target.copy_(unstack_like(source, i, target))
-                for target, source in zip(model.buffers(), self.buffers()):
-                    target.copy_(unstack_like(source, i, target))
+                for target, source, layout in zip(model.parameters(), self.parameters(), self.layouts):
+                    target.copy_(unstack_as(layout, source, i))
+                for target, source, layout in zip(model.buffers(), self.buffers(), buffer_layouts(config)):
+                    target.copy_(unstack_as(layout, source, i))
                 models.append(model)
         return models
 
@@ -192,7 +192,13 @@ class StackedMLP:
 
     def forward(self, contexts: torch.Tensor, training: bool = False, *, rows: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list]:
-        """Logits (M, B, V) of contexts (M, B, T) (or of their `rows`), and the activations the backward needs."""
+        """Logits (M, B, V) of contexts (M, B, T) (or of their `rows`), and the activations the backward needs.
+        (The logits are a transposed view of the (M, V, B) product: the faster way round for small V.)"""
+        logits_t, saved = self._forward(contexts, training, rows)
+        return logits_t.transpose(1, 2), saved
+
+    def _forward(self, contexts: torch.Tensor | None, training: bool, rows: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, list]:
         rows = self.rows(contexts) if rows is None else rows
         x = self._embed(rows)
         saved = [(None, x)]  # (what the norm's backward needs, the block's output) per block, the embedding first
@@ -204,10 +210,8 @@ class StackedMLP:
             x = torch.tanh(h) if self.activation == "tanh" else torch.relu(h)
             saved.append((norm_saved, x))
         if self.output_bias is None:
-            logits = torch.bmm(x, self.output_weight)
-        else:
-            logits = torch.baddbmm(self.output_bias, x, self.output_weight)
-        return logits, saved
+            return torch.bmm(self.output_weight, x.transpose(1, 2)), saved  # (M, V, B)
+        return torch.baddbmm(self.output_bias, self.output_weight, x.transpose(1, 2)), saved
 
     # ----------------------------------------------------------------------------------------------- backward
     def loss_and_gradients(self, contexts: torch.Tensor | None, targets: torch.Tensor, *,
@@ -216,19 +220,19 @@ class StackedMLP:
         in the order of `parameters()`. Updates BatchNorm running statistics, as a training forward does.
         Give `rows` (from `self.rows(contexts)`, e.g. computed for many steps at once) instead of contexts."""
         rows = self.rows(contexts) if rows is None else rows
-        logits, saved = self.forward(None, training=True, rows=rows)
-        m, b, v = logits.shape
-        log_probs = torch.log_softmax(logits, dim=2)
-        index = targets.unsqueeze(2)  # (M, B, 1)
-        loss = -log_probs.gather(2, index).squeeze(2).mean(1)  # (M,)
+        logits_t, saved = self._forward(None, True, rows)  # (M, V, B)
+        b = logits_t.shape[2]
+        log_probs = torch.log_softmax(logits_t, dim=1)
+        index = targets.unsqueeze(1)  # (M, 1, B)
+        loss = -log_probs.gather(1, index).squeeze(1).mean(1)  # (M,)
         # d(mean cross-entropy)/d logits = (softmax − onehot) / B
-        d_logits = log_probs.exp_().scatter_add_(2, index, torch.full_like(index, -1, dtype=logits.dtype))
-        d_logits.mul_(1.0 / b)
+        d_logits = log_probs.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logits_t.dtype))
+        d_logits.mul_(1.0 / b)  # (M, V, B)
         x = saved[-1][1]
-        grads_out = [torch.bmm(x.transpose(1, 2), d_logits)]  # (M, H, V)
+        grads_out = [torch.bmm(d_logits, x)]  # (M, V, H)
         if self.output_bias is not None:
-            grads_out.append(d_logits.sum(1, keepdim=True))
-        d_x = torch.bmm(d_logits, self.output_weight.transpose(1, 2))  # (M, B, H)
+            grads_out.append(d_logits.sum(2, keepdim=True))
+        d_x = torch.bmm(d_logits.transpose(1, 2), self.output_weight)  # (M, B, H)
         grads_hidden: list[list[torch.Tensor]] = []
         for depth in range(len(self.hidden) - 1, -1, -1):
             block = self.hidden[depth]
@@ -245,7 +249,10 @@ class StackedMLP:
             d_weight = torch.bmm(x_in.transpose(1, 2), d_h)
             linear_grads = [d_weight] + ([d_h.sum(1, keepdim=True)] if block.bias is not None else [])
             grads_hidden.append(linear_grads + block_grads)
-            d_x = torch.bmm(d_h, block.weight.transpose(1, 2))
+            if depth:
+                d_x = torch.bmm(d_h, block.weight.transpose(1, 2))
+            else:  # (M, T·E, B), then transposed: the faster way round for the narrow embedding input
+                d_x = torch.bmm(block.weight, d_h.transpose(1, 2)).transpose(1, 2)
         d_table = torch.zeros_like(self.embedding).view(-1, self.embedding.shape[-1])
         d_table.index_add_(0, rows.reshape(-1), d_x.reshape(-1, self.embedding.shape[-1]))
         grads = [d_table.view_as(self.embedding)]
@@ -278,21 +285,39 @@ class StackedMLP:
         return d_h.view_as(d_y), [d_gamma, d_beta]
 
 
-def stack_like_model(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """Stack one tensor of each model in the stacked layout: a weight (out, in) → (M, in, out), transposed for
-    `bmm`; a vector (H,) → (M, 1, H), broadcasting over the batch; a scalar → (M,)."""
+def parameter_layouts(config: ModelConfig) -> list[str]:
+    """How each tensor of a model's `parameters()` is stacked (see `stack_as`), in that order."""
+    hidden_bias = (config.norm == "none") if config.hidden_bias is None else config.hidden_bias
+    norm = {"none": [], "rms": ["row"]}.get(config.norm, ["row", "row"])
+    block = ["transposed"] + (["row"] if hidden_bias else []) + norm
+    return ["as_is"] + block * config.n_layers + ["as_is"] + (["column"] if config.output_bias else [])
+
+
+def buffer_layouts(config: ModelConfig) -> list[str]:
+    """How each tensor of a model's `buffers()` (BatchNorm running statistics and counts) is stacked."""
+    return ["row", "row", "scalar"] * config.n_layers if config.norm == "batch" else []
+
+
+def stack_as(layout: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack one tensor of each of M models: "as_is" (M, ...), "transposed" weight (out, in) → (M, in, out) for
+    `bmm`, "row" vector (H,) → (M, 1, H) and "column" (V,) → (M, V, 1) for broadcasting, "scalar" → (M,)."""
     tensors = [t.detach() for t in tensors]
-    if tensors[0].dim() == 2:
+    if layout == "transposed":
         return torch.stack([t.T for t in tensors]).contiguous()
     stacked = torch.stack(tensors)
-    return stacked.unsqueeze(1).contiguous() if tensors[0].dim() == 1 else stacked
+    if layout == "row":
+        return stacked.unsqueeze(1).contiguous()
+    if layout == "column":
+        return stacked.unsqueeze(2).contiguous()
+    return stacked.contiguous()
 
 
-def unstack_like(stacked: torch.Tensor, index: int, like: torch.Tensor) -> torch.Tensor:
-    """Model `index`'s slice of a tensor stacked by `stack_like_model`, in the layout of `like` (a model's tensor).
-    Not for the embedding table, which is stacked as it is."""
+def unstack_as(layout: str, stacked: torch.Tensor, index: int) -> torch.Tensor:
+    """Model `index`'s tensor, in torch's layout, from a tensor stacked by `stack_as(layout, ...)`."""
     part = stacked[index]
-    return part.T if like.dim() == 2 else part.view_as(like)
+    if layout == "transposed":
+        return part.T
+    return part.reshape(-1) if layout in ("row", "column") else part
 
 
 def per_model_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:

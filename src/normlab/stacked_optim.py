@@ -12,15 +12,16 @@ from typing import Any
 
 import torch
 
-from normlab.stacked import per_model_view, unstack_like
+from normlab.stacked import StackedMLP, per_model_view, stack_as, unstack_as
 from normlab.train import TrainConfig
 
 
 class StackedOptimizer:
     """SGD (momentum, weight decay) or AdamW for M stacked models; `state_dict_for` speaks torch's format."""
 
-    def __init__(self, params: list[torch.Tensor], configs: Sequence[TrainConfig]) -> None:
-        self.params = params
+    def __init__(self, stacked: StackedMLP, configs: Sequence[TrainConfig]) -> None:
+        self.params = params = stacked.parameters()
+        self.layouts = stacked.layouts  # how each parameter is stacked (`normlab.stacked.stack_as`)
         self.kind = configs[0].optimizer
         like = params[0]
         self.momentum = per_model_view([c.momentum for c in configs], like)
@@ -74,12 +75,11 @@ class StackedOptimizer:
         """Model `index`'s state in the format of `optimizer` (a torch optimizer over that model's parameters)."""
         state = optimizer.state_dict()
         keys = state["param_groups"][0]["params"]
-        model_params = optimizer.param_groups[0]["params"]
         steps = int(self.step_count)
         new_state: dict[int, dict[str, Any]] = {}
         if steps and any(self.buffers):
-            for position, (key, like, buffers) in enumerate(zip(keys, model_params, self.buffers)):
-                parts = [(b[index] if position == 0 else unstack_like(b, index, like)).clone() for b in buffers]
+            for key, layout, buffers in zip(keys, self.layouts, self.buffers):
+                parts = [unstack_as(layout, b, index).clone() for b in buffers]
                 if self.kind == "sgd":
                     new_state[key] = {"momentum_buffer": parts[0]}
                 else:
@@ -92,12 +92,9 @@ class StackedOptimizer:
         self.step_count.fill_(steps)
         names = ["momentum_buffer"] if self.kind == "sgd" else ["exp_avg", "exp_avg_sq"]
         per_model = [[s["state"].get(key, {}) for key in s["param_groups"][0]["params"]] for s in states]
-        for position, (param, buffers) in enumerate(zip(self.params, self.buffers)):
+        for position, (layout, buffers) in enumerate(zip(self.layouts, self.buffers)):
             for buffer, name in zip(buffers, names):
                 values = [model[position].get(name) for model in per_model]
                 if any(v is None for v in values):
                     continue  # no state yet for this tensor (a run that has not stepped): keep the zeros
-                if position == 0:
-                    buffer.copy_(torch.stack(values))
-                else:
-                    buffer.copy_(torch.stack([v.T if v.dim() == 2 else v for v in values]).view_as(param))
+                buffer.copy_(stack_as(layout, values))

@@ -30,7 +30,7 @@ from normlab.errors import ConfigError, TrainingDiverged
 from normlab.fast import SHARED_FIELDS, evaluate_stacked, train_stacked
 from normlab.model import LanguageModel, ModelConfig, build_model
 from normlab.stacked import SHAPE_FIELDS, StackedMLP, stacking_problem
-from normlab.train import SYNC_EVERY, TrainConfig, TrainEvents, evaluate, train
+from normlab.train import SYNC_EVERY, TrainConfig, TrainEvents, evaluate, torch_threads, train
 
 Split = tuple[torch.Tensor, torch.Tensor]
 PARALLEL_MIN_STEPS = 20_000  # model-steps below which starting worker processes (about 2 s) does not pay
@@ -323,12 +323,8 @@ def _bar(total: int, enabled: bool) -> Any:
 # ------------------------------------------------------------------------------------------------ processes
 def _in_this_process(chunks: list[_Chunk], job: _Job, bar: Any) -> list[list[dict[str, Any]]]:
     """Train the chunks one after the other here, with one thread (the thread setting is restored after)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         return [_train_chunk(chunk, job, bar.update if bar is not None else None) for chunk in chunks]
-    finally:
-        torch.set_num_threads(threads)
 
 
 _worker_job: _Job | None = None

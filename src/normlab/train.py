@@ -239,7 +239,8 @@ class LossWindow:
         for position, model in (~torch.isfinite(window)).nonzero().tolist():
             bad_step = last - last % SYNC_EVERY + position
             if diverged is None:
-                raise TrainingDiverged(_divergence_message(bad_step, float(window[position, model]), configs[model]))
+                raise TrainingDiverged(_divergence_message(bad_step, float(window[position, model]), configs[model]),
+                                       bad_step)
             diverged.setdefault(model, bad_step)
         finite = window[torch.isfinite(window)]
         return finite.mean().item() if len(finite) else float("nan")

@@ -134,14 +134,16 @@ def _findings_section(findings: Sequence[Finding], has_data: bool) -> str:
     return items + checked
 
 
-def _figure(path: Path) -> str:
+def embedded_image(path: Path) -> str:
+    """An ``<img>`` element carrying the PNG at ``path`` inside the page (a base64 data URI: no file, no network)."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _figure(path: Path) -> str:
     key = next((k for k in sorted(_CAPTIONS, key=len, reverse=True) if path.stem.startswith(k)), "")
     caption = f"{path.stem}: {_CAPTIONS.get(key, '')}"
-    return (
-        f'<figure><img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
-        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
-    )
+    return f"<figure>{embedded_image(path)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
 def write_report(run_dir: str | os.PathLike) -> Path:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-import base64
 import html
 from collections.abc import Sequence
 from typing import Any
+
+from normlab.diagnostics.report import embedded_image
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
@@ -40,9 +41,7 @@ def _section(result: Any) -> str:
     checks = "".join(
         f"<tr><td>{html.escape(c.name)}</td><td>{html.escape(c.measured)}</td><td>{'yes' if c.passed else 'NO'}</td>"
         "</tr>" for c in result.checks)
-    figures = "".join(
-        f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,'
-        f'{base64.b64encode(path.read_bytes()).decode("ascii")}">' for path in result.figures)
+    figures = "".join(embedded_image(path) for path in result.figures)
     name = html.escape(result.name)
     return (f'<h2 id="{name}">{name}: {html.escape(result.title)}</h2>'
             f"<p><b>Claim.</b> {html.escape(result.claim)}</p><p>Verdict: {_verdict(result.verdict)}</p>"

@@ -26,6 +26,7 @@ from normlab.errors import ConfigError
 from normlab.files import atomic_write
 from normlab.lab.common import MODES, Check, Experiment, LabData
 from normlab.lab.registry import EXPERIMENTS, get_experiment
+from normlab.train import torch_threads
 
 RESULT, SUMMARY, INDEX = "result.json", "summary.md", "index.html"
 
@@ -78,12 +79,8 @@ def run_experiments(names: Sequence[str], *, mode: str = "full", out: str | Path
     if not isinstance(data, LabData):
         data = LabData.load(data)
     out.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # lesson-sized work: a second thread gains little and costs much on a busy machine
-    try:
+    with torch_threads(1):  # lesson-sized work: a second thread gains little and costs much on a busy machine
         results = [_run_one(experiment, mode, out, data, progress, log) for experiment in experiments]
-    finally:
-        torch.set_num_threads(threads)
     if index:
         from normlab.lab.page import index_page
 
