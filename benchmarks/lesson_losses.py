@@ -3,6 +3,8 @@
 Trains every lesson preset with its full recipe on a words file and prints the final train/val losses (full
 splits) next to the lesson's published figures, plus an independent plain-PyTorch implementation of the
 batchnorm recipe (the lesson's own code: raw tensors, manual SGD) run in the same benchmark. Ends with one JSON line.
+The presets train through normlab's sweep runner: the fast path where the model allows it (lockstep for the
+presets that share an architecture), the reference path for lesson-deep and wavenet, over two processes.
 
     python benchmarks/lesson_losses.py --data ../shared/anchors/names.txt            # the lesson's file
     python benchmarks/lesson_losses.py                                               # the bundled names
@@ -15,7 +17,6 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -32,35 +33,37 @@ PUBLISHED = {
 TOLERANCE = 0.015
 
 
-def run_preset(name: str, data: str | None, steps: int | None, threads: int) -> dict:
-    """Train one preset with normlab's library; full-split losses with running and calibrated statistics."""
-    torch.set_num_threads(threads)
+def run_presets(names: list[str], data: str | None, steps: int | None) -> list[dict]:
+    """Train the presets with normlab's sweep runner (the fast path where the model allows it, lockstep for
+    presets of one architecture, two processes); full-split losses with running and calibrated statistics."""
     from normlab.config import config_for_preset
-    from normlab.model import build_model
     from normlab.pipeline import load_data
-    from normlab.train import calibrate_batchnorm, evaluate, train
+    from normlab.sweep import SweepRun, run_sweep
+    from normlab.train import calibrate_batchnorm, evaluate
 
-    overrides = [f"steps={steps}"] if steps else []
-    config = config_for_preset(name, overrides)
-    if steps and config.train.lr_decay_step:  # keep the decay at the same fraction of a shortened run
-        config.train.lr_decay_step = int(config.train.lr_decay_step * steps / 200_000)
-    config.data.path = data
-    vocab, splits = load_data(config)
-    model = build_model(config.model, len(vocab), seed=config.train.seed)
-    started = time.perf_counter()
-    train(model, splits.train, splits.val, config.train, progress=False)
-    seconds = time.perf_counter() - started
-    result = {"name": name, "train": evaluate(model, *splits.train), "val": evaluate(model, *splits.val),
-              "seconds": seconds}
-    if calibrate_batchnorm(model, splits.train[0]):
-        result["train_calibrated"] = evaluate(model, *splits.train)
-        result["val_calibrated"] = evaluate(model, *splits.val)
-    return result
+    runs = []
+    for name in names:
+        config = config_for_preset(name, [f"steps={steps}"] if steps else [])
+        if steps and config.train.lr_decay_step:  # keep the decay at the same fraction of a shortened run
+            config.train.lr_decay_step = int(config.train.lr_decay_step * steps / 200_000)
+        config.data.path = data
+        runs.append((config, SweepRun(name, config.model, config.train)))
+    results = []
+    for block_size in sorted({config.model.block_size for config, _ in runs}):
+        group = [(config, run) for config, run in runs if config.model.block_size == block_size]
+        vocab, splits = load_data(group[0][0])
+        for result in run_sweep([run for _, run in group], splits, len(vocab), keep_models=True):
+            row = {"name": result.name, "train": result.train_loss, "val": result.val_loss,
+                   "seconds": result.seconds}
+            if calibrate_batchnorm(result.model, splits.train[0]):
+                row["train_calibrated"] = evaluate(result.model, *splits.train)
+                row["val_calibrated"] = evaluate(result.model, *splits.val)
+            results.append(row)
+    return results
 
 
-def run_plain_batchnorm(data: str | None, steps: int | None, threads: int) -> dict:
+def run_plain_batchnorm(data: str | None, steps: int | None) -> dict:
     """The lesson's batchnorm recipe written as the lesson writes it: raw tensors and a manual SGD loop."""
-    torch.set_num_threads(threads)
     from normlab.data import Vocab, build_dataset, load_words, split_words
 
     words = load_words(data)
@@ -113,13 +116,8 @@ def main() -> None:
     parser.add_argument("--data", help="words file (default: the bundled names)")
     parser.add_argument("--presets", nargs="*", default=list(PUBLISHED) + ["lesson-deep"])
     parser.add_argument("--steps", type=int, help="override the 200,000 steps (the decay step scales along)")
-    parser.add_argument("--jobs", type=int, default=2, help="processes in parallel (each gets cores/jobs threads)")
     args = parser.parse_args()
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    with ProcessPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_plain_batchnorm, args.data, args.steps, threads)]
-        futures += [pool.submit(run_preset, name, args.data, args.steps, threads) for name in args.presets]
-        results = [future.result() for future in futures]
+    results = [run_plain_batchnorm(args.data, args.steps)] + run_presets(args.presets, args.data, args.steps)
     compare = args.data is not None and os.path.basename(args.data) == "names.txt" and not args.steps
     print(f"{'run':28} {'train':>8} {'val':>8} {'lesson':>16} {'|Δ| ≤ 0.015':>12} {'calibrated':>16} {'time':>7}")
     for row in results:
