@@ -84,7 +84,8 @@ class Stepper:
 
     def one(self, rows: torch.Tensor, targets: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
         """One step on rows (M, B, T) and targets (M, B); returns the losses (M,) before the update."""
-        loss, grads = self.stacked.loss_and_gradients(None, targets, rows=rows)
+        factored = self.limits is None and self.optimizer.takes_factored_gradients
+        loss, grads = self.stacked.loss_and_gradients(None, targets, rows=rows, factored=factored)
         if self.limits is not None:
             _clip_per_model(grads, self.limits)
         self.optimizer.step(grads, lr)

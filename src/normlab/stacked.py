@@ -43,6 +43,19 @@ def _shape_key(config: ModelConfig) -> tuple:
     return tuple(getattr(config, f) for f in SHAPE_FIELDS if f != "hidden_bias") + (hidden_bias,)
 
 
+@dataclass(frozen=True)
+class MatmulGrad:
+    """A stacked weight's gradient kept as two batched factors, left @ right, so that plain SGD can fold its
+    update into one batched matrix product (`param.baddbmm_`) instead of writing the gradient out first."""
+
+    left: torch.Tensor
+    right: torch.Tensor
+
+    def materialize(self) -> torch.Tensor:
+        """The gradient itself."""
+        return torch.bmm(self.left, self.right)
+
+
 @dataclass
 class _Hidden:
     """One hidden block of the M models: weight (M, in, out), optional bias and norm state."""
@@ -215,10 +228,15 @@ class StackedMLP:
 
     # ----------------------------------------------------------------------------------------------- backward
     def loss_and_gradients(self, contexts: torch.Tensor | None, targets: torch.Tensor, *,
-                           rows: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
+                           rows: torch.Tensor | None = None, factored: bool = False) -> tuple[torch.Tensor, list]:
         """Training-mode forward and hand-written backward: per-model mean cross-entropy (M,) and gradients
         in the order of `parameters()`. Updates BatchNorm running statistics, as a training forward does.
-        Give `rows` (from `self.rows(contexts)`, e.g. computed for many steps at once) instead of contexts."""
+        Give `rows` (from `self.rows(contexts)`, e.g. computed for many steps at once) instead of contexts.
+        With `factored`, the weight matrices' gradients come as `MatmulGrad`s."""
+
+        def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor | MatmulGrad:
+            return MatmulGrad(left, right) if factored else torch.bmm(left, right)
+
         rows = self.rows(contexts) if rows is None else rows
         logits_t, saved = self._forward(None, True, rows)  # (M, V, B)
         b = logits_t.shape[2]
@@ -229,7 +247,7 @@ class StackedMLP:
         d_logits = log_probs.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logits_t.dtype))
         d_logits.mul_(1.0 / b)  # (M, V, B)
         x = saved[-1][1]
-        grads_out = [torch.bmm(d_logits, x)]  # (M, V, H)
+        grads_out = [product(d_logits, x)]  # (M, V, H)
         if self.output_bias is not None:
             grads_out.append(d_logits.sum(2, keepdim=True))
         d_x = torch.bmm(d_logits.transpose(1, 2), self.output_weight)  # (M, B, H)
@@ -246,7 +264,7 @@ class StackedMLP:
             if self.norm != "none":
                 d_h, norm_grads = self._normalize_backward(d_h, block, norm_saved)
                 block_grads = norm_grads
-            d_weight = torch.bmm(x_in.transpose(1, 2), d_h)
+            d_weight = product(x_in.transpose(1, 2), d_h)
             linear_grads = [d_weight] + ([d_h.sum(1, keepdim=True)] if block.bias is not None else [])
             grads_hidden.append(linear_grads + block_grads)
             if depth:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from normlab.stacked import StackedMLP, per_model_view, stack_as, unstack_as
+from normlab.stacked import MatmulGrad, StackedMLP, per_model_view, stack_as, unstack_as
 from normlab.train import TrainConfig
 
 
@@ -36,13 +36,23 @@ class StackedOptimizer:
         count = {"sgd": 1 if self.uses_momentum else 0, "adamw": 2}[self.kind]
         self.buffers = [[torch.zeros_like(p) for _ in range(count)] for p in params]
 
-    def step(self, grads: list[torch.Tensor], lr: float | torch.Tensor) -> None:
+    @property
+    def takes_factored_gradients(self) -> bool:
+        """Whether `step` folds `MatmulGrad`s into its update (plain SGD) rather than multiplying them out."""
+        return self.kind == "sgd" and not self.uses_momentum and not self.uses_weight_decay
+
+    def step(self, grads: list[torch.Tensor | MatmulGrad], lr: float | torch.Tensor) -> None:
         """One update of every parameter from its gradient; `lr` is a float or a (M,) tensor."""
         with torch.no_grad():
             self.step_count.add_(1)
             for param, grad, buffers in zip(self.params, grads, self.buffers):
                 view = (-1,) + (1,) * (param.dim() - 1)
                 rate = lr if isinstance(lr, float) else lr.view(view)
+                if isinstance(grad, MatmulGrad):
+                    if self.takes_factored_gradients:  # p − lr·(L @ R) as one product: p += (−lr·L) @ R
+                        param.baddbmm_(grad.left * rate, grad.right, alpha=-1.0)
+                        continue
+                    grad = grad.materialize()
                 if self.kind == "sgd":
                     self._sgd(param, grad, buffers, rate, view)
                 else:
