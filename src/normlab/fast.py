@@ -63,11 +63,13 @@ class Stepper:
     time through one `torch.compile`d function (fused kernels, a C++ wrapper: far less overhead per step;
     `autotune` also lets inductor pick its own matrix-product kernels)."""
 
-    def __init__(self, stacked: StackedMLP, optimizer: StackedOptimizer, max_norms: list[float | None],
-                 compile: bool, chunk_size: int = CHUNK, autotune: bool = False) -> None:
+    def __init__(self, stacked: StackedMLP, optimizer: StackedOptimizer, train_xy: tuple[torch.Tensor, torch.Tensor],
+                 max_norms: list[float | None], compile: bool, chunk_size: int = CHUNK,
+                 autotune: bool = False) -> None:
         if SYNC_EVERY % chunk_size:
             raise ValueError(f"chunk_size must divide {SYNC_EVERY}, got {chunk_size}")
         self.stacked, self.optimizer, self.chunk_size = stacked, optimizer, chunk_size
+        self.x_train, self.y_train = train_xy  # on the device
         self.limits = None
         if any(m is not None for m in max_norms):
             self.limits = torch.tensor([math.inf if m is None else m for m in max_norms],
@@ -82,29 +84,31 @@ class Stepper:
         """Whether chunks of steps run compiled."""
         return self._compiled is not None
 
-    def one(self, rows: torch.Tensor, targets: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
-        """One step on rows (M, B, T) and targets (M, B); returns the losses (M,) before the update."""
+    def one(self, index: torch.Tensor, lr: float | torch.Tensor) -> torch.Tensor:
+        """One step on the training examples `index` (M, B); returns the losses (M,) before the update. (The
+        gather happens here, inside the compiled chunk, fused with the embedding lookup.)"""
         factored = self.limits is None and self.optimizer.takes_factored_gradients
-        loss, grads = self.stacked.loss_and_gradients(None, targets, rows=rows, factored=factored)
+        rows = self.stacked.rows(self.x_train[index])  # (M, B, T)
+        loss, grads = self.stacked.loss_and_gradients(None, self.y_train[index], rows=rows, factored=factored)
         if self.limits is not None:
             _clip_per_model(grads, self.limits)
         self.optimizer.step(grads, lr)
         return loss
 
-    def _chunk(self, rows: torch.Tensor, targets: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
-        return torch.stack([self.one(rows[:, k], targets[:, k], lrs[k]) for k in range(self.chunk_size)])
+    def _chunk(self, index: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.one(index[:, k], lrs[k]) for k in range(self.chunk_size)])
 
-    def chunk(self, rows: torch.Tensor, targets: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
-        """`chunk_size` (C) steps on rows (M, C, B, T), targets (M, C, B), learning rates (C, M); returns the
-        losses (C, M). Compiles on first use; falls back to eager steps if compilation fails."""
+    def chunk(self, index: torch.Tensor, lrs: torch.Tensor) -> torch.Tensor:
+        """`chunk_size` (C) steps on the training examples `index` (M, C, B) with learning rates (C, M); returns
+        the losses (C, M). Compiles on first use; falls back to eager steps if compilation fails."""
         if self._compiled is not None:
             try:
-                return self._compiled(rows, targets, lrs)
+                return self._compiled(index, lrs)
             except Exception as error:  # no C++ compiler, an unsupported platform...: eager is always right
                 warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                               "training continues uncompiled", RuntimeWarning, stacklevel=2)
                 self._compiled = None
-        return self._chunk(rows, targets, lrs)
+        return self._chunk(index, lrs)
 
 
 def should_compile(config: TrainConfig) -> bool:
@@ -149,9 +153,9 @@ def _train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tens
     count = stacked.num_models
     dtype = stacked.embedding.dtype
     optimizer = optimizer or StackedOptimizer(stacked, configs)
-    stepper = Stepper(stacked, optimizer, [c.grad_clip for c in configs], should_compile(first), chunk_size,
-                      autotune=large)
-    x_train, y_train = train_xy[0].to(device), train_xy[1].to(device)
+    x_train = train_xy[0].to(device)
+    stepper = Stepper(stacked, optimizer, (x_train, train_xy[1].to(device)), [c.grad_clip for c in configs],
+                      should_compile(first), chunk_size, autotune=large)
     subsets = [_eval_subsets(train_xy, val_xy, c) for c in configs]
     same_schedule = len({tuple(getattr(c, f) for f in SCHEDULE_FIELDS) for c in configs}) == 1
     same_batches = len({c.seed for c in configs}) == 1
@@ -164,19 +168,21 @@ def _train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tens
     def due(done: int, every: int) -> bool:
         return done % every == 0 or done == first.steps
 
-    def rates(step: int, n: int) -> torch.Tensor:
+    def rates(step: int, n: int) -> torch.Tensor:  # (n, M) learning rates of steps step..step+n-1
+        if same_schedule:
+            rates = torch.tensor([learning_rate(first, s) for s in range(step, step + n)], dtype=dtype)
+            return rates.view(n, 1).expand(n, count).to(device)
         return torch.tensor([[learning_rate(c, s) for c in configs] for s in range(step, step + n)],
                             dtype=dtype, device=device)
 
-    block_index, rows, targets, step = -1, None, None, start_step
+    block_index, index, step = -1, None, start_step
     with _InterruptFlag() as interrupt:
         while step < first.steps:
-            if step // block_length != block_index:  # gather the contexts of a whole block of steps at once
+            if step // block_length != block_index:  # draw the batches of a whole block of steps at once
                 block_index = step // block_length
                 seeds = [first.seed] if same_batches else [c.seed for c in configs]
                 index = torch.stack([batch_block(s, block_index, len(x_train), first.batch_size) for s in seeds])
                 index = index.to(device).expand(count, -1, -1)  # (M, L, B)
-                rows, targets = stacked.rows(x_train[index]), y_train[index]  # (M, L, B, T), (M, L, B)
             k = step % block_length
             size = stepper.chunk_size
             chunk = (stepper.compiled and step % size == 0 and k + size <= block_length
@@ -184,12 +190,12 @@ def _train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tens
                      and not any(due(d, first.eval_every) or due(d, first.checkpoint_every)
                                  for d in range(step + 1, step + size)))
             if chunk:
-                losses = stepper.chunk(rows[:, k:k + size], targets[:, k:k + size], rates(step, size))
+                losses = stepper.chunk(index[:, k:k + size], rates(step, size))
                 recent.record(step, losses)
                 step += size
             else:
                 lr = learning_rate(first, step) if same_schedule and not stepper.compiled else rates(step, 1)[0]
-                recent.record(step, stepper.one(rows[:, k], targets[:, k], lr))
+                recent.record(step, stepper.one(index[:, k], lr))
                 step += 1
             done, last = step, step - 1
             eval_due, checkpoint_due = due(done, first.eval_every), due(done, first.checkpoint_every)
