@@ -9,10 +9,11 @@ updates every model with one operation per tensor, and nothing waits on the host
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -37,7 +38,9 @@ from normlab.train import (
 )
 
 CHUNK = 10  # steps per compiled call (measured best on 2 cores); divides SYNC_EVERY, so chunks never straddle a sync
-COMPILE_MIN_STEPS = 20_000
+# Compile when a run's work (steps × models × batch × width) is at least this: about a minute of eager steps on
+# 2 cores, enough to repay the ~20 s compilation (the lesson's recipe is 1.3e9; the `fast` preset, 2.6e8, is not).
+COMPILE_MIN_WORK = 6e8
 # Up to this many hidden activations per step (models × batch × width), e.g. 20 lesson models at batch 32, one
 # thread is as fast as two on 2 cores, and much faster when the other core is busy: small operations spend their
 # time synchronising threads. Above it (32 lesson models: 1.6x) the second thread pays.
@@ -45,7 +48,8 @@ ONE_THREAD_MAX_WORK = 2**17
 COMPILE_OPTIONS = {"cpp_wrapper": True}  # kernels called from C++, not Python: less overhead per step
 # For large stacks, let inductor time its own C++ matrix-product templates against ATen's and keep the faster:
 # measured here, +7% steps/s for 32 lesson models at the price of ~20 s more compilation; none for one model.
-AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    "max_autotune_report_choices_stats": False}
 SHARED_FIELDS = ("steps", "batch_size", "optimizer", "eval_every", "checkpoint_every", "device")
 SCHEDULE_FIELDS = ("lr", "schedule", "lr_decay_step", "lr_decay_factor", "warmup_steps", "min_lr_factor", "steps")
 
@@ -103,7 +107,8 @@ class Stepper:
         the losses (C, M). Compiles on first use; falls back to eager steps if compilation fails."""
         if self._compiled is not None:
             try:
-                return self._compiled(index, lrs)
+                with _quiet_autotuning():
+                    return self._compiled(index, lrs)
             except Exception as error:  # no C++ compiler, an unsupported platform...: eager is always right
                 warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                               "training continues uncompiled", RuntimeWarning, stacklevel=2)
@@ -111,12 +116,25 @@ class Stepper:
         return self._chunk(index, lrs)
 
 
-def should_compile(config: TrainConfig) -> bool:
-    """Whether `train_stacked` compiles its steps: `config.compile`, or when None, for runs long enough to repay
-    the compilation (about 15 s on 2 cores)."""
+@contextlib.contextmanager
+def _quiet_autotuning() -> Iterator[None]:
+    """Keep inductor from printing its autotuning tables to stderr while it compiles (restored afterwards)."""
+    from torch._inductor import select_algorithm
+
+    previous = select_algorithm.PRINT_AUTOTUNE
+    select_algorithm.PRINT_AUTOTUNE = False
+    try:
+        yield
+    finally:
+        select_algorithm.PRINT_AUTOTUNE = previous
+
+
+def should_compile(config: TrainConfig, work_per_step: int) -> bool:
+    """Whether `train_stacked` compiles its steps: `config.compile`, or when None, for runs with enough work
+    (`work_per_step` = models × batch × width, times the steps) to repay the compilation."""
     if config.compile is not None:
         return config.compile
-    return config.steps >= COMPILE_MIN_STEPS
+    return config.steps * work_per_step >= COMPILE_MIN_WORK
 
 
 def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tensor],
@@ -137,17 +155,16 @@ def train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tenso
         config.validate()
     check_lockstep(configs)
     work = stacked.num_models * configs[0].batch_size * max(block.weight.shape[2] for block in stacked.hidden)
-    large = work > ONE_THREAD_MAX_WORK
-    with torch_threads(None if large else 1):
+    with torch_threads(None if work > ONE_THREAD_MAX_WORK else 1):
         return _train_stacked(stacked, train_xy, val_xy, configs, optimizer, start_step, log, checkpoint,
-                              on_divergence, progress, chunk_size, large)
+                              on_divergence, progress, chunk_size, work)
 
 
 def _train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tensor],
                    val_xy: tuple[torch.Tensor, torch.Tensor], configs: Sequence[TrainConfig],
                    optimizer: StackedOptimizer | None, start_step: int,
                    log: Callable[[int, dict[str, Any]], None] | None, checkpoint: Callable[[int], None] | None,
-                   on_divergence: str, progress: bool, chunk_size: int, large: bool) -> dict[int, int]:
+                   on_divergence: str, progress: bool, chunk_size: int, work: int) -> dict[int, int]:
     first = configs[0]
     device = torch.device(first.device)
     count = stacked.num_models
@@ -155,7 +172,7 @@ def _train_stacked(stacked: StackedMLP, train_xy: tuple[torch.Tensor, torch.Tens
     optimizer = optimizer or StackedOptimizer(stacked, configs)
     x_train = train_xy[0].to(device)
     stepper = Stepper(stacked, optimizer, (x_train, train_xy[1].to(device)), [c.grad_clip for c in configs],
-                      should_compile(first), chunk_size, autotune=large)
+                      should_compile(first, work), chunk_size, autotune=work > ONE_THREAD_MAX_WORK)
     subsets = [_eval_subsets(train_xy, val_xy, c) for c in configs]
     same_schedule = len({tuple(getattr(c, f) for f in SCHEDULE_FIELDS) for c in configs}) == 1
     same_batches = len({c.seed for c in configs}) == 1

@@ -49,7 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 50_000
     device: str = "cpu"
     fast: bool = True  # the stacked path (hand-written backward) wherever the model allows it; see normlab.fast
-    compile: bool | None = None  # torch.compile the stacked path's steps; None: for runs of 20,000 steps or more
+    compile: bool | None = None  # torch.compile the stacked path's steps; None: when the run is long enough to pay
 
     def validate(self) -> None:
         """Raise `ConfigError` naming the first bad value and its fix."""
