@@ -202,3 +202,59 @@ def test_training_on_cuda_end_to_end(tmp_path, words_file, capsys, fast):
 def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, words_file, capsys):
     assert _train(tmp_path / "cuda", words_file, "--device", "cuda") == 2
     assert "no CUDA GPU is available" in _error(capsys)
+
+
+def test_train_with_diagnose_writes_diagnostics_a_report_and_tensorboard(tmp_path, words_file, capsys):
+    out = tmp_path / "diagnosed"
+    assert _train(out, words_file, "--diagnose", "--every", "20") == 0
+    assert (out / "report.html").is_file() and (out / "diagnostics" / "scalars.csv").is_file()
+    assert f"report: {out / 'report.html'}" in capsys.readouterr().out
+    assert main(["report", str(out), "--tensorboard"]) == 0
+    assert any(path.name.startswith("events.out.tfevents") for path in (out / "tensorboard").rglob("*"))
+
+
+def test_report_without_diagnostics_cannot_export_tensorboard(trained_run, capsys):
+    assert main(["report", str(trained_run), "--tensorboard"]) == 2
+    assert "train it with --diagnose" in _error(capsys)
+
+
+def test_inspect_prints_the_layer_table_and_the_findings(words_file, capsys):
+    assert main(["inspect", "--preset", "lesson-original", "--data", str(words_file), "--batch", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "Tanh" in out and "Linear" in out and "initial loss" in out
+    assert "confidently wrong" in out  # the naive output layer's initial loss is far above -log(1/27)
+
+
+def test_sweep_trains_every_combination_into_its_own_run_directory(tmp_path, words_file, capsys):
+    out = tmp_path / "grid"
+    args = ["sweep", "--preset", "lesson-batchnorm", "--data", str(words_file), "--out", str(out), "--quiet",
+            "--vary", "lr=0.05,0.2", "--vary", "seed=1,2", "--diagnose", "--every", "40"]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    assert main(args) == 0
+    names = sorted(path.name for path in out.iterdir())
+    assert names == ["lr-0.05_seed-1", "lr-0.05_seed-2", "lr-0.2_seed-1", "lr-0.2_seed-2"]
+    assert "4 run directories" in capsys.readouterr().out
+    for name in names:
+        run = RunDir.open(out / name)
+        assert run.read_metrics()[-1]["event"] == "final"
+        assert (out / name / "report.html").is_file()
+        assert main(["sample", str(out / name), "-n", "3"]) == 0
+    # one grid run against the same configuration trained alone
+    alone = tmp_path / "alone"
+    assert _train(alone, words_file, "--set", "lr=0.2", "--set", "seed=2") == 0
+    grid_model, alone_model = load_file(out / "lr-0.2_seed-2" / "model.safetensors"), load_file(
+        alone / "model.safetensors")
+    for key in alone_model:
+        torch.testing.assert_close(grid_model[key], alone_model[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("vary, message", [
+    ("lr", "expected key=value1,value2"),
+    ("lr=0.1,", "expected key=value1,value2"),
+    ("data.split_seed=1,2", "share their data"),
+    ("n_hiden=3,4", "unknown key 'n_hiden'"),
+])
+def test_bad_sweep_variations_give_one_clear_error(tmp_path, capsys, vary, message):
+    assert main(["sweep", "--vary", vary, "--out", str(tmp_path / "grid")]) == 2
+    assert message in _error(capsys)

@@ -48,6 +48,24 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from normlab.config import config_for_preset
+    from normlab.grid import parse_variations, train_grid
+
+    config = config_for_preset(args.preset, args.set or [])
+    config.data.path = args.data
+    runs = train_grid(config, parse_variations(args.vary), args.out, diagnose=args.diagnose, every=args.every,
+                      progress=not args.quiet)
+    width = max(len(run.name) for run in runs)
+    print(f"{'run':{width}}  {'train':>7}  {'val':>7}  {'test':>7}")
+    for run in sorted(runs, key=lambda r: (r.diverged_at is not None, r.final["val"])):
+        status = f"  diverged at step {run.diverged_at}" if run.diverged_at is not None else ""
+        print(f"{run.name:{width}}  {run.final['train']:7.4f}  {run.final['val']:7.4f}  {run.final['test']:7.4f}"
+              f"{status}")
+    print(f"{len(runs)} run directories in {args.out}")
+    return 0
+
+
 def _sample(args: argparse.Namespace) -> int:
     from normlab.pipeline import sample_run
 
@@ -136,6 +154,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", help="cpu or cuda (overrides train.device)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
+
+    sweep = commands.add_parser("sweep", help="train a grid of configurations at once, a run directory each")
+    sweep.add_argument("--preset", default="lesson-batchnorm")
+    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value for all runs")
+    sweep.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="values to try, e.g. --vary lr=0.05,0.1 --vary seed=1,2,3 (every combination)")
+    sweep.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    sweep.add_argument("--out", required=True, help="folder to create, one run directory per configuration")
+    sweep.add_argument("--diagnose", action="store_true", help="record diagnostics and write each run's report")
+    sweep.add_argument("--every", type=int, help="steps between diagnostic recordings (default: ten a run)")
+    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    sweep.set_defaults(handler=_sweep)
 
     sample = commands.add_parser("sample", help="sample words from a run")
     sample.add_argument("run")

@@ -24,8 +24,9 @@ def inspect_model(
     exclude: Iterable[type | str] | None = None,
     saturation_threshold: float = 0.97,
     bins: int = 64,
+    step: int = 0,
 ) -> Diagnostics:
-    """Record one forward and backward pass of ``model`` (no optimizer step) as diagnostics at step 0.
+    """Record one forward and backward pass of ``model`` (no optimizer step) as diagnostics at ``step``.
 
     Runs in the model's current mode (train mode: BatchNorm uses batch statistics, as in the first training
     step). The model is left as it was: its buffers (e.g. running statistics) and its parameters' ``.grad``
@@ -40,7 +41,7 @@ def inspect_model(
     try:
         for parameter in parameters:
             parameter.grad = None
-        monitor.begin_step(0)
+        monitor.begin_step(step)
         loss = loss_fn(model(inputs), targets)
         loss.backward()
         monitor.end_step(loss)

@@ -1,0 +1,136 @@
+"""A grid of configurations trained at once, each into its own run directory: `normlab sweep`.
+
+The configurations (a preset, times every combination of the `--vary` values) go through the sweep runner, so
+those that share an architecture train in lockstep on the stacked path. Each lands in `OUT/<name>/` as a
+complete run directory (config, vocabulary, weights, metrics with full-split losses at the end, and with
+`diagnose`, diagnostics and a report), which `normlab sample`, `eval` and `report` read like any other run. The
+diagnostics of a grid run are recorded on snapshots of each model (one forward and backward pass on a fixed
+batch of training examples), so they have every statistic but the update:data ratio, which needs the
+optimizer's steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from normlab.checkpoint import RunDir
+from normlab.config import RunConfig, apply_override
+from normlab.data import Vocab, bundled_path, file_sha256
+from normlab.errors import CheckpointError, ConfigError
+from normlab.pipeline import load_data
+from normlab.sweep import SweepResult, SweepRun, run_sweep
+from normlab.train import evaluate
+
+DIAGNOSTIC_BATCH = 256  # examples of the fixed batch the diagnostics of a grid run are recorded on
+
+
+@dataclass
+class GridRun:
+    """One configuration of the grid and where it landed."""
+
+    name: str
+    config: RunConfig
+    path: Path
+    final: dict[str, float]
+    diverged_at: int | None
+
+
+def parse_variations(items: list[str]) -> dict[str, list[str]]:
+    """`key=v1,v2,...` items → {key: [v1, v2, ...]}; `ConfigError` for a malformed or repeated key."""
+    variations: dict[str, list[str]] = {}
+    for item in items:
+        key, _, values = item.partition("=")
+        key = key.strip()
+        if not key or not values or any(not v.strip() for v in values.split(",")):
+            raise ConfigError(f"--vary {item!r}: expected key=value1,value2,..., e.g. --vary lr=0.05,0.1,0.2")
+        if key in variations:
+            raise ConfigError(f"--vary {key} is given twice: list all its values in one --vary")
+        if key.split(".")[-1] in ("path", "split_seed", "sha256"):
+            raise ConfigError(f"--vary {key}: the configurations of a grid share their data; use --data instead")
+        variations[key] = [v.strip() for v in values.split(",")]
+    return variations
+
+
+def grid_configs(base: RunConfig, variations: dict[str, list[str]]) -> list[tuple[str, RunConfig]]:
+    """Every combination of the variations applied to a copy of `base`, with a directory-safe name each."""
+    combos = itertools.product(*[[(key, value) for value in values] for key, values in variations.items()])
+    configs = []
+    for combo in combos:
+        config = RunConfig.from_dict(base.to_dict())
+        for key, value in combo:
+            apply_override(config, f"{key}={value}")
+        config.validate()
+        name = "_".join(f"{key.split('.')[-1]}-{value}" for key, value in combo) or "base"
+        configs.append((re.sub(r"[^A-Za-z0-9_.+-]", "-", name), config))
+    return configs
+
+
+def train_grid(base: RunConfig, variations: dict[str, list[str]], out: str | Path, *, diagnose: bool = False,
+               every: int | None = None, progress: bool = True) -> list[GridRun]:
+    """Train every configuration of the grid into `out/<name>/`; returns them in grid order.
+
+    `diagnose` records diagnostics on snapshots every `every` steps (default: ten recordings a run).
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out} already exists and is not empty: choose another --out")
+    configs = grid_configs(base, variations)
+    if base.data.path is not None:
+        base.data.path = str(Path(base.data.path).resolve())
+    sha256 = file_sha256(base.data.path or bundled_path())
+    runs: list[GridRun] = []
+    for block_size in sorted({config.model.block_size for _, config in configs}):  # one dataset per block size
+        group = [(name, config) for name, config in configs if config.model.block_size == block_size]
+        runs += _train_group(group, out, sha256, diagnose, every, progress)
+    order = {name: index for index, (name, _) in enumerate(configs)}
+    return sorted(runs, key=lambda run: order[run.name])
+
+
+def _train_group(group: list[tuple[str, RunConfig]], out: Path, sha256: str, diagnose: bool, every: int | None,
+                 progress: bool) -> list[GridRun]:
+    first = group[0][1]
+    vocab, splits = load_data(first)
+    snapshots: list[int] = []
+    if diagnose:  # steps every run of the group reaches
+        shortest = min(config.train.steps for _, config in group)
+        snapshots = list(range(0, shortest + 1, every or max(1, shortest // 10)))
+    runs = [SweepRun(name, config.model, config.train) for name, config in group]
+    results = run_sweep(runs, splits, len(vocab), progress=progress, keep_models=True, snapshot_steps=snapshots)
+    generator = torch.Generator().manual_seed(first.train.seed)
+    batch = torch.randint(0, len(splits.train[0]), (DIAGNOSTIC_BATCH,), generator=generator)
+    diagnostic_batch = (splits.train[0][batch], splits.train[1][batch])
+    landed = []
+    for (name, config), result in zip(group, results):
+        config.data = dataclasses.replace(config.data, sha256=sha256)
+        landed.append(_write_run(out / name, name, config, vocab, splits, result, diagnostic_batch))
+    return landed
+
+
+def _write_run(path: Path, name: str, config: RunConfig, vocab: Vocab, splits, result: SweepResult,
+               diagnostic_batch: tuple[torch.Tensor, torch.Tensor]) -> GridRun:
+    run = RunDir.create(path, config, vocab)
+    run.save_model(result.model, config.train.steps)
+    for row in result.rows:
+        run.append_metrics(row)
+    if result.diverged_at is None:
+        final = {split: evaluate(result.model, *splits.get(split)) for split in ("train", "val", "test")}
+    else:
+        final = {split: math.nan for split in ("train", "val", "test")}
+        run.append_metrics({"event": "diverged", "step": result.diverged_at})
+    run.append_metrics({"event": "final", "step": config.train.steps, **final})
+    if result.snapshots:
+        from normlab.diagnostics import Diagnostics, inspect_model, save_diagnostics, write_report
+
+        diagnostics = Diagnostics()
+        for step, model in result.snapshots.items():
+            diagnostics.merge(inspect_model(model.train(), *diagnostic_batch, step=step))
+        save_diagnostics(diagnostics, run.path)
+        write_report(run.path)
+    return GridRun(name, config, run.path, final, result.diverged_at)
