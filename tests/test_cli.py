@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -258,3 +259,19 @@ def test_sweep_trains_every_combination_into_its_own_run_directory(tmp_path, wor
 def test_bad_sweep_variations_give_one_clear_error(tmp_path, capsys, vary, message):
     assert main(["sweep", "--vary", vary, "--out", str(tmp_path / "grid")]) == 2
     assert message in _error(capsys)
+
+
+def test_a_diverged_grid_run_is_reported_and_keeps_no_weights(tmp_path, words_file, capsys):
+    out = tmp_path / "grid"
+    args = ["sweep", "--preset", "lesson-kaiming", "--data", str(words_file), "--out", str(out), "--quiet",
+            "--vary", "lr=0.1,1e30"]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("lr-0.1 ") and "diverged at step" in lines[2] and lines[2].startswith("lr-1e30 ")
+    metrics = RunDir.open(out / "lr-1e30").read_metrics()
+    assert metrics[-2]["event"] == "diverged" and math.isnan(metrics[-1]["val"])
+    assert not (out / "lr-1e30" / "model.safetensors").exists()
+    assert main(["sample", str(out / "lr-1e30")]) == 2
+    assert "diverged, before its first checkpoint" in _error(capsys)

@@ -36,8 +36,8 @@ MODEL_FORMAT, OPTIMIZER_FORMAT = "normlab-model-1", "normlab-optimizer-1"
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and metadata of a safetensors file; `CheckpointError` if it is missing or corrupted."""
     if not path.is_file():
-        raise CheckpointError(f"{path} is missing: the run directory is incomplete (was training interrupted "
-                              "before its first checkpoint?)")
+        raise CheckpointError(f"{path} is missing: the run directory holds no weights (training was interrupted, or "
+                              "diverged, before its first checkpoint: see its metrics.jsonl)")
     try:
         tensors = load_safetensors(path.read_bytes())
         with safe_open(str(path), framework="pt") as file:

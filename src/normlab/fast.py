@@ -2,9 +2,10 @@
 
 The loop mirrors `train.train` step for step (the same batches from `batch_block`, the same learning-rate
 schedule, the same SGD/AdamW arithmetic as torch.optim, the same evaluation subsets), so a stacked run ends
-where the reference runs would, within float rounding. What differs is the cost of a step: the contexts of a
-whole block of steps are gathered ahead of time, the backward is written out (`StackedMLP`), the optimizer
-updates every model with one operation per tensor, and nothing waits on the host between syncs.
+where the reference runs would, within float rounding. What differs is the cost of a step: the batch indices of a
+whole block of steps are drawn ahead of time and each step gathers its examples inside the (compiled) step, the
+backward is written out (`StackedMLP`), the optimizer updates every model with one operation per tensor, and
+nothing waits on the host between syncs.
 """
 
 from __future__ import annotations

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from normlab.checkpoint import RunDir
 from normlab.config import RunConfig, apply_override
 from normlab.data import Vocab, bundled_path, file_sha256
 from normlab.errors import CheckpointError, ConfigError
-from normlab.pipeline import load_data
+from normlab.pipeline import load_data, record_final_losses
 from normlab.sweep import SweepResult, SweepRun, run_sweep
-from normlab.train import evaluate
 
 DIAGNOSTIC_BATCH = 256  # examples of the fixed batch the diagnostics of a grid run are recorded on
 
@@ -116,15 +114,13 @@ def _train_group(group: list[tuple[str, RunConfig]], out: Path, sha256: str, dia
 def _write_run(path: Path, name: str, config: RunConfig, vocab: Vocab, splits, result: SweepResult,
                diagnostic_batch: tuple[torch.Tensor, torch.Tensor]) -> GridRun:
     run = RunDir.create(path, config, vocab)
-    run.save_model(result.model, config.train.steps)
+    if result.diverged_at is None:  # a diverged run keeps no weights: they are not finite
+        run.save_model(result.model, config.train.steps)
     for row in result.rows:
         run.append_metrics(row)
-    if result.diverged_at is None:
-        final = {split: evaluate(result.model, *splits.get(split)) for split in ("train", "val", "test")}
-    else:
-        final = {split: math.nan for split in ("train", "val", "test")}
+    if result.diverged_at is not None:
         run.append_metrics({"event": "diverged", "step": result.diverged_at})
-    run.append_metrics({"event": "final", "step": config.train.steps, **final})
+    final = record_final_losses(run, None if result.diverged_at is not None else result.model, splits)
     if result.snapshots:
         from normlab.diagnostics import Diagnostics, inspect_model, save_diagnostics, write_report
 

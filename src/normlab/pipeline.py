@@ -5,6 +5,7 @@ The CLI parses arguments, calls one of these and prints what it returns; everyth
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,11 +96,19 @@ def _train_and_finish(run: RunDir, model: LanguageModel, splits: Splits, *, star
     outcome = TrainOutcome(run, final={})
     if calibrate:
         outcome.calibration = _calibrate(run, model, splits)
-    outcome.final = {split: evaluate(model, *splits.get(split)) for split in ("train", "val", "test")}
-    run.append_metrics({"event": "final", "step": config.train.steps, **outcome.final})
+    outcome.final = record_final_losses(run, model, splits)
     if diagnose:
         outcome.report = write_report(run.path)
     return outcome
+
+
+def record_final_losses(run: RunDir, model: torch.nn.Module | None, splits: Splits) -> dict[str, float]:
+    """The full-split losses of `model` (NaN each for a diverged run, `model` None), appended to the run's metrics
+    as its "final" row."""
+    final = {split: math.nan if model is None else evaluate(model, *splits.get(split))
+             for split in ("train", "val", "test")}
+    run.append_metrics({"event": "final", "step": run.config.train.steps, **final})
+    return final
 
 
 def _train_reference(run: RunDir, model: LanguageModel, splits: Splits, start_step: int, optimizer_state: bool,
