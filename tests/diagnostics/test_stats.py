@@ -67,6 +67,14 @@ def test_histogram_matches_a_hand_computation():
     np.testing.assert_array_equal(counts, np.histogram([0, 1, 2, 3, 4], bins=4)[0])
 
 
+def test_histogram_of_a_range_of_a_few_denormals_spreads_over_the_bins():
+    # bins / (hi - lo) overflows float32 here; the positions must not (found by hypothesis)
+    tiny = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
+    counts, lo, hi = stats.histogram(torch.tensor([0.0, tiny / 2, tiny], dtype=torch.float32), bins=4)
+    assert counts.tolist() == [1, 0, 1, 1]
+    assert (lo, hi) == (0.0, tiny)
+
+
 def test_histogram_of_a_constant_is_centred_on_it():
     counts, lo, hi = stats.histogram(torch.full((3,), 2.0), bins=4)
     assert (lo, hi) == (1.5, 2.5)

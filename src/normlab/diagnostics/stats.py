@@ -134,13 +134,13 @@ def segment_histograms(
     hi = torch.full((segments.count,), float("-inf"), dtype=values.dtype, device=values.device)
     lo = lo.scatter_reduce_(0, segments.ids, values, reduce="amin")  # NaN propagates
     hi = hi.scatter_reduce_(0, segments.ids, values, reduce="amax")
-    # bins / (hi - lo), nudged up by a few units in the last place so that a value exactly on an edge (x - lo
-    # exact) lands in the bin above it, as in numpy; inf for a constant segment, 0 or NaN for one holding Inf
-    # or NaN: their positions all become 0 below
-    scale = (hi - lo).reciprocal_().mul_(bins * (1 + 2.0**-21))
-    # position in bin units, lo -> 0 and hi -> bins; the clamp keeps hi in the last bin. In place where
+    # position in bin units, lo -> 0 and hi -> bins: (x - lo) / (hi - lo) first, which cannot overflow even for
+    # a range of a few denormals, then times bins nudged up by a few units in the last place, so that a value
+    # exactly on an edge (x - lo exact) lands in the bin above it, as in numpy. NaN (a constant segment: 0 / 0,
+    # or one holding Inf or NaN) becomes position 0; the clamp keeps hi in the last bin. In place where
     # possible: large temporaries are costly on CPU.
-    position = (values - lo.index_select(0, segments.ids)).mul_(scale.index_select(0, segments.ids))
+    position = (values - lo.index_select(0, segments.ids)).div_((hi - lo).index_select(0, segments.ids))
+    position.mul_(bins * (1 + 2.0**-21))
     index = position.nan_to_num_(0.0, 0.0, 0.0).clamp_(0, bins - 0.5).int().add_(segments.bin_offsets(bins))
     counts = _count(index, segments.count * bins).view(segments.count, bins)
     return counts, torch.stack([lo, hi], dim=1)
