@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -275,3 +276,21 @@ def test_a_diverged_grid_run_is_reported_and_keeps_no_weights(tmp_path, words_fi
     assert not (out / "lr-1e30" / "model.safetensors").exists()
     assert main(["sample", str(out / "lr-1e30")]) == 2
     assert "diverged, before its first checkpoint" in _error(capsys)
+
+
+def test_split_seed_chooses_another_lesson_style_split(tmp_path, words_file, capsys):
+    out = tmp_path / "split7"
+    assert _train(out, words_file, "--split-seed", "7") == 0
+    assert json.loads((out / "config.json").read_text())["data"]["split_seed"] == 7
+    # the val split is the second 10% of the words after Python's random.Random(7) shuffle, cut by hand here
+    words = words_file.read_text().split()
+    random.Random(7).shuffle(words)
+    val_file = tmp_path / "val.txt"
+    val_file.write_text("\n".join(words[int(0.8 * len(words)):int(0.9 * len(words))]) + "\n")
+    capsys.readouterr()
+    assert main(["eval", str(out), "--split", "val"]) == 0
+    split_loss = capsys.readouterr().out.split("loss")[1].split()[0]
+    assert main(["eval", str(out), "--data", str(val_file)]) == 0
+    assert capsys.readouterr().out.split("loss")[1].split()[0] == split_loss
+    assert main(["train", "--resume", "--out", str(out), "--split-seed", "8"]) == 2
+    assert "drop --preset, --set, --data and --split-seed" in _error(capsys)

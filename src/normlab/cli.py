@@ -7,27 +7,42 @@ import json
 import os
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from normlab.errors import NormlabError
 
+if TYPE_CHECKING:
+    from normlab.config import RunConfig
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+SPLIT_SEED_HELP = "seed of the 80/10/10 split of the words (default 42: the lesson's split)"
+
+
+def _config(preset: str, args: argparse.Namespace) -> RunConfig:
+    """The preset's config with `--set`, `--data` and `--split-seed` applied."""
+    from normlab.config import config_for_preset
+
+    config = config_for_preset(preset, args.set or [])
+    config.data.path = args.data
+    if args.split_seed is not None:
+        config.data.split_seed = args.split_seed
+    return config
 
 
 def _train(args: argparse.Namespace) -> int:
     from normlab import pipeline
-    from normlab.config import config_for_preset
     from normlab.train import Interrupted
 
-    if args.resume and (args.preset or args.set or args.data):
-        raise NormlabError("--resume continues a run with its saved config: drop --preset, --set and --data")
+    if args.resume and (args.preset or args.set or args.data or args.split_seed is not None):
+        raise NormlabError("--resume continues a run with its saved config: drop --preset, --set, --data and "
+                           "--split-seed")
     try:
         if args.resume:
             outcome = pipeline.resume_training(args.out, diagnose=args.diagnose, every=args.every,
                                                calibrate=args.calibrate, progress=not args.quiet)
         else:
-            config = config_for_preset(args.preset or "lesson-batchnorm", args.set or [])
-            config.data.path = args.data
+            config = _config(args.preset or "lesson-batchnorm", args)
             if args.device:
                 config.train.device = args.device
             outcome = pipeline.start_training(config, args.out, diagnose=args.diagnose, every=args.every,
@@ -49,11 +64,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from normlab.config import config_for_preset
     from normlab.grid import parse_variations, train_grid
 
-    config = config_for_preset(args.preset, args.set or [])
-    config.data.path = args.data
+    config = _config(args.preset, args)
     runs = train_grid(config, parse_variations(args.vary), args.out, diagnose=args.diagnose, every=args.every,
                       progress=not args.quiet)
     width = max(len(run.name) for run in runs)
@@ -146,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help="override a config value, e.g. --set n_hidden=300 --set train.lr=0.05 (repeatable)")
     train.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    train.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
     train.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--calibrate", action="store_true", help="recompute BatchNorm statistics at the end")
@@ -161,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="values to try, e.g. --vary lr=0.05,0.1 --vary seed=1,2,3 (every combination)")
     sweep.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    sweep.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
     sweep.add_argument("--out", required=True, help="folder to create, one run directory per configuration")
     sweep.add_argument("--diagnose", action="store_true", help="record diagnostics and write each run's report")
     sweep.add_argument("--every", type=int, help="steps between diagnostic recordings (default: ten a run)")
