@@ -256,6 +256,7 @@ def test_sweep_trains_every_combination_into_its_own_run_directory(tmp_path, wor
     ("lr=0.1,", "expected key=value1,value2"),
     ("data.split_seed=1,2", "share their data"),
     ("n_hiden=3,4", "unknown key 'n_hiden'"),
+    ("lr=0.1,0.2,0.1", "lists 0.1 more than once"),
 ])
 def test_bad_sweep_variations_give_one_clear_error(tmp_path, capsys, vary, message):
     assert main(["sweep", "--vary", vary, "--out", str(tmp_path / "grid")]) == 2

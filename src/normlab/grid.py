@@ -52,7 +52,11 @@ def parse_variations(items: list[str]) -> dict[str, list[str]]:
             raise ConfigError(f"--vary {key} is given twice: list all its values in one --vary")
         if key.split(".")[-1] in ("path", "split_seed", "sha256"):
             raise ConfigError(f"--vary {key}: the configurations of a grid share their data; use --data instead")
-        variations[key] = [v.strip() for v in values.split(",")]
+        values = [v.strip() for v in values.split(",")]
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"--vary {key} lists {', '.join(repeated)} more than once: give each value once")
+        variations[key] = values
     return variations
 
 
