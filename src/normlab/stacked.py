@@ -69,6 +69,13 @@ class _Hidden:
     num_batches_tracked: torch.Tensor | None = None  # (M,) int64
 
 
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    """tanh(x) as 2·sigmoid(2x) − 1, the same function: torch 2.13's CPU tanh is 4–5x slower than its sigmoid
+    here, eager and compiled (measured on 2 cores, 204,800 values: 215 against 50 µs eager, ~100 against ~25 µs
+    compiled). Within 2e-7 of tanh in float32 (within 3 units in the last place of 1), within 1e-16 in float64."""
+    return torch.sigmoid(x * 2).mul_(2).sub_(1)
+
+
 class StackedMLP:
     """M MLP language models of one architecture, trained in lockstep with a hand-written backward."""
 
@@ -220,7 +227,7 @@ class StackedMLP:
             norm_saved = None
             if self.norm != "none":
                 h, norm_saved = self._normalize(h, block, training)
-            x = torch.tanh(h) if self.activation == "tanh" else torch.relu(h)
+            x = _tanh(h) if self.activation == "tanh" else torch.relu(h)
             saved.append((norm_saved, x))
         if self.output_bias is None:
             return torch.bmm(self.output_weight, x.transpose(1, 2)), saved  # (M, V, B)
