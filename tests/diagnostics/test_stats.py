@@ -75,6 +75,14 @@ def test_histogram_of_a_range_of_a_few_denormals_spreads_over_the_bins():
     assert (lo, hi) == (0.0, tiny)
 
 
+def test_histogram_of_a_range_wider_than_the_largest_float_spreads_over_the_bins():
+    values = [-3e38, -2e38, 0.0, 2e38, 3e38]  # hi - lo overflows float32 to inf
+    counts, lo, hi = stats.histogram(torch.tensor(values, dtype=torch.float32), bins=3)
+    # bins [-3e38, -1e38) [-1e38, 1e38) [1e38, 3e38]
+    assert counts.tolist() == [2, 1, 2] == np.histogram(np.array(values), bins=3)[0].tolist()
+    assert (lo, hi) == (float(np.float32(-3e38)), float(np.float32(3e38)))
+
+
 def test_histogram_of_a_constant_is_centred_on_it():
     counts, lo, hi = stats.histogram(torch.full((3,), 2.0), bins=4)
     assert (lo, hi) == (1.5, 2.5)

@@ -139,7 +139,11 @@ def segment_histograms(
     # exactly on an edge (x - lo exact) lands in the bin above it, as in numpy. NaN (a constant segment: 0 / 0,
     # or one holding Inf or NaN) becomes position 0; the clamp keeps hi in the last bin. In place where
     # possible: large temporaries are costly on CPU.
-    position = (values - lo.index_select(0, segments.ids)).div_((hi - lo).index_select(0, segments.ids))
+    # A range wider than the largest float (e.g. -3e38..3e38) is halved first: the positions barely change
+    half = torch.where(torch.isinf(hi - lo) & torch.isfinite(lo) & torch.isfinite(hi), 0.5, 1.0).to(values.dtype)
+    lo_half = lo * half
+    position = (values * half.index_select(0, segments.ids) - lo_half.index_select(0, segments.ids))
+    position.div_((hi * half - lo_half).index_select(0, segments.ids))
     position.mul_(bins * (1 + 2.0**-21))
     index = position.nan_to_num_(0.0, 0.0, 0.0).clamp_(0, bins - 0.5).int().add_(segments.bin_offsets(bins))
     counts = _count(index, segments.count * bins).view(segments.count, bins)
