@@ -134,17 +134,19 @@ def segment_histograms(
     hi = torch.full((segments.count,), float("-inf"), dtype=values.dtype, device=values.device)
     lo = lo.scatter_reduce_(0, segments.ids, values, reduce="amin")  # NaN propagates
     hi = hi.scatter_reduce_(0, segments.ids, values, reduce="amax")
-    # position in bin units, lo -> 0 and hi -> bins: (x - lo) / (hi - lo) first, which cannot overflow even for
-    # a range of a few denormals, then times bins nudged up by a few units in the last place, so that a value
-    # exactly on an edge (x - lo exact) lands in the bin above it, as in numpy. NaN (a constant segment: 0 / 0,
-    # or one holding Inf or NaN) becomes position 0; the clamp keeps hi in the last bin. In place where
-    # possible: large temporaries are costly on CPU.
-    # A range wider than the largest float (e.g. -3e38..3e38) is halved first: the positions barely change
-    half = torch.where(torch.isinf(hi - lo) & torch.isfinite(lo) & torch.isfinite(hi), 0.5, 1.0).to(values.dtype)
+    # position in bin units, lo -> 0 and hi -> bins: (x·h − lo·h) / ((hi·h − lo·h) / c). The division cannot
+    # overflow even for a range of a few denormals; h = 1, or 0.5 (exact) when some range is wider than the
+    # largest float (e.g. -3e38..3e38), so that no difference overflows either (one factor for all segments: a
+    # per-element one costs a gather; only a denormal range histogrammed beside such a range loses its last bit).
+    # c is bins nudged up by a few units in the last place, so that a value exactly on an edge (x − lo exact)
+    # lands in the bin above it, as in numpy. NaN (a constant segment: 0 / 0, or one holding Inf or NaN) becomes
+    # position 0; the clamp keeps hi in the last bin. In place where possible: large temporaries are costly on CPU.
+    too_wide = (torch.isinf(hi - lo) & torch.isfinite(lo) & torch.isfinite(hi)).any()
+    half = torch.where(too_wide, 0.5, 1.0).to(values.dtype)
     lo_half = lo * half
-    position = (values * half.index_select(0, segments.ids) - lo_half.index_select(0, segments.ids))
-    position.div_((hi * half - lo_half).index_select(0, segments.ids))
-    position.mul_(bins * (1 + 2.0**-21))
+    width = (hi * half - lo_half).div_(bins * (1 + 2.0**-21))
+    position = (values * half).sub_(lo_half.index_select(0, segments.ids))
+    position.div_(width.index_select(0, segments.ids))
     index = position.nan_to_num_(0.0, 0.0, 0.0).clamp_(0, bins - 0.5).int().add_(segments.bin_offsets(bins))
     counts = _count(index, segments.count * bins).view(segments.count, bins)
     return counts, torch.stack([lo, hi], dim=1)
