@@ -295,3 +295,14 @@ def test_split_seed_chooses_another_lesson_style_split(tmp_path, words_file, cap
     assert capsys.readouterr().out.split("loss")[1].split()[0] == split_loss
     assert main(["train", "--resume", "--out", str(out), "--split-seed", "8"]) == 2
     assert "drop --preset, --set, --data and --split-seed" in _error(capsys)
+
+
+def test_sweep_records_the_words_file_by_its_full_path(tmp_path, words_file, monkeypatch, capsys):
+    monkeypatch.chdir(words_file.parent)
+    args = ["sweep", "--preset", "lesson-kaiming", "--data", words_file.name, "--out", str(tmp_path / "grid"),
+            "--quiet", "--vary", "seed=1,2"]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    assert main(args) == 0
+    recorded = json.loads((tmp_path / "grid" / "seed-1" / "config.json").read_text())["data"]["path"]
+    assert recorded == str(words_file.resolve())

@@ -83,9 +83,9 @@ def train_grid(base: RunConfig, variations: dict[str, list[str]], out: str | Pat
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty: choose another --out")
-    configs = grid_configs(base, variations)
-    if base.data.path is not None:
+    if base.data.path is not None:  # before the copies: each run directory records where its words are
         base.data.path = str(Path(base.data.path).resolve())
+    configs = grid_configs(base, variations)
     sha256 = file_sha256(base.data.path or bundled_path())
     runs: list[GridRun] = []
     for block_size in sorted({config.model.block_size for _, config in configs}):  # one dataset per block size
