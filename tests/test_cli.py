@@ -306,3 +306,9 @@ def test_sweep_records_the_words_file_by_its_full_path(tmp_path, words_file, mon
     assert main(args) == 0
     recorded = json.loads((tmp_path / "grid" / "seed-1" / "config.json").read_text())["data"]["path"]
     assert recorded == str(words_file.resolve())
+
+
+def test_sweep_with_a_missing_words_file_is_one_clear_error(tmp_path, capsys):
+    out = tmp_path / "grid"
+    assert main(["sweep", "--data", str(tmp_path / "nope.txt"), "--vary", "seed=1,2", "--out", str(out)]) == 2
+    assert "does not exist" in _error(capsys) and not out.exists()

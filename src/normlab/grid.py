@@ -21,9 +21,9 @@ import torch
 
 from normlab.checkpoint import RunDir
 from normlab.config import RunConfig, apply_override
-from normlab.data import Vocab, bundled_path, file_sha256
+from normlab.data import Vocab
 from normlab.errors import CheckpointError, ConfigError
-from normlab.pipeline import load_data, record_final_losses
+from normlab.pipeline import load_new_run_data, record_final_losses
 from normlab.sweep import SweepResult, SweepRun, run_sweep
 
 DIAGNOSTIC_BATCH = 256  # examples of the fixed batch the diagnostics of a grid run are recorded on
@@ -83,22 +83,19 @@ def train_grid(base: RunConfig, variations: dict[str, list[str]], out: str | Pat
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CheckpointError(f"{out} already exists and is not empty: choose another --out")
-    if base.data.path is not None:  # before the copies: each run directory records where its words are
-        base.data.path = str(Path(base.data.path).resolve())
     configs = grid_configs(base, variations)
-    sha256 = file_sha256(base.data.path or bundled_path())
     runs: list[GridRun] = []
     for block_size in sorted({config.model.block_size for _, config in configs}):  # one dataset per block size
         group = [(name, config) for name, config in configs if config.model.block_size == block_size]
-        runs += _train_group(group, out, sha256, diagnose, every, progress)
+        runs += _train_group(group, out, diagnose, every, progress)
     order = {name: index for index, (name, _) in enumerate(configs)}
     return sorted(runs, key=lambda run: order[run.name])
 
 
-def _train_group(group: list[tuple[str, RunConfig]], out: Path, sha256: str, diagnose: bool, every: int | None,
+def _train_group(group: list[tuple[str, RunConfig]], out: Path, diagnose: bool, every: int | None,
                  progress: bool) -> list[GridRun]:
     first = group[0][1]
-    vocab, splits = load_data(first)
+    vocab, splits = load_new_run_data(first)  # the configurations of a grid share their data
     snapshots: list[int] = []
     if diagnose:  # steps every run of the group reaches
         shortest = min(config.train.steps for _, config in group)
@@ -110,7 +107,7 @@ def _train_group(group: list[tuple[str, RunConfig]], out: Path, sha256: str, dia
     diagnostic_batch = (splits.train[0][batch], splits.train[1][batch])
     landed = []
     for (name, config), result in zip(group, results):
-        config.data = dataclasses.replace(config.data, sha256=sha256)
+        config.data = dataclasses.replace(config.data, path=first.data.path, sha256=first.data.sha256)
         landed.append(_write_run(out / name, name, config, vocab, splits, result, diagnostic_batch))
     return landed
 

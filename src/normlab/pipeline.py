@@ -35,6 +35,16 @@ def load_data(config: RunConfig, vocab: Vocab | None = None) -> tuple[Vocab, Spl
     return vocab, make_splits(words, vocab, config.model.block_size, config.data.split_seed)
 
 
+def load_new_run_data(config: RunConfig) -> tuple[Vocab, Splits]:
+    """`load_data` for a run about to be created: `config.data` then records the words file by its full path
+    and its sha256, which resuming checks."""
+    if config.data.path is not None:
+        config.data.path = str(Path(config.data.path).resolve())
+    vocab, splits = load_data(config)  # a clear DataError for a missing or bad file, before it is hashed
+    config.data.sha256 = file_sha256(config.data.path or bundled_path())
+    return vocab, splits
+
+
 @dataclass
 class TrainOutcome:
     """What a finished training run reports."""
@@ -50,10 +60,7 @@ def start_training(config: RunConfig, out: str | Path, *, diagnose: bool = False
                    calibrate: bool = False, progress: bool = True) -> TrainOutcome:
     """Create the run directory `out` for `config`, train, and write the final losses (and report)."""
     config.validate()
-    if config.data.path is not None:
-        config.data.path = str(Path(config.data.path).resolve())
-    vocab, splits = load_data(config)
-    config.data.sha256 = file_sha256(config.data.path or bundled_path())
+    vocab, splits = load_new_run_data(config)
     run = RunDir.create(out, config, vocab)
     model = build_model(config.model, len(vocab), seed=config.train.seed)
     return _train_and_finish(run, model, splits, start_step=0, optimizer_state=False, diagnose=diagnose,
