@@ -21,11 +21,15 @@ from normlab.checkpoint import RunDir
 from normlab.cli import main
 
 
-def _train(out: Path, words_file: Path, *extra: str) -> int:
-    args = ["train", "--preset", "lesson-batchnorm", "--data", str(words_file), "--out", str(out), "--quiet"]
+def _tiny(command: str, preset: str, out: Path, words: Path | str, *extra: str) -> int:
+    args = [command, "--preset", preset, "--data", str(words), "--out", str(out), "--quiet"]
     for item in TINY_SETTINGS:
         args += ["--set", item]
     return main(args + list(extra))
+
+
+def _train(out: Path, words_file: Path, *extra: str) -> int:
+    return _tiny("train", "lesson-batchnorm", out, words_file, *extra)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -229,11 +233,8 @@ def test_inspect_prints_the_layer_table_and_the_findings(words_file, capsys):
 
 def test_sweep_trains_every_combination_into_its_own_run_directory(tmp_path, words_file, capsys):
     out = tmp_path / "grid"
-    args = ["sweep", "--preset", "lesson-batchnorm", "--data", str(words_file), "--out", str(out), "--quiet",
-            "--vary", "lr=0.05,0.2", "--vary", "seed=1,2", "--diagnose", "--every", "40"]
-    for item in TINY_SETTINGS:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert _tiny("sweep", "lesson-batchnorm", out, words_file, "--vary", "lr=0.05,0.2", "--vary", "seed=1,2",
+                 "--diagnose", "--every", "40") == 0
     names = sorted(path.name for path in out.iterdir())
     assert names == ["lr-0.05_seed-1", "lr-0.05_seed-2", "lr-0.2_seed-1", "lr-0.2_seed-2"]
     assert "4 run directories" in capsys.readouterr().out
@@ -265,11 +266,7 @@ def test_bad_sweep_variations_give_one_clear_error(tmp_path, capsys, vary, messa
 
 def test_a_diverged_grid_run_is_reported_and_keeps_no_weights(tmp_path, words_file, capsys):
     out = tmp_path / "grid"
-    args = ["sweep", "--preset", "lesson-kaiming", "--data", str(words_file), "--out", str(out), "--quiet",
-            "--vary", "lr=0.1,1e30"]
-    for item in TINY_SETTINGS:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert _tiny("sweep", "lesson-kaiming", out, words_file, "--vary", "lr=0.1,1e30") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("lr-0.1 ") and "diverged at step" in lines[2] and lines[2].startswith("lr-1e30 ")
     metrics = RunDir.open(out / "lr-1e30").read_metrics()
@@ -299,11 +296,7 @@ def test_split_seed_chooses_another_lesson_style_split(tmp_path, words_file, cap
 
 def test_sweep_records_the_words_file_by_its_full_path(tmp_path, words_file, monkeypatch, capsys):
     monkeypatch.chdir(words_file.parent)
-    args = ["sweep", "--preset", "lesson-kaiming", "--data", words_file.name, "--out", str(tmp_path / "grid"),
-            "--quiet", "--vary", "seed=1,2"]
-    for item in TINY_SETTINGS:
-        args += ["--set", item]
-    assert main(args) == 0
+    assert _tiny("sweep", "lesson-kaiming", tmp_path / "grid", words_file.name, "--vary", "seed=1,2") == 0
     recorded = json.loads((tmp_path / "grid" / "seed-1" / "config.json").read_text())["data"]["path"]
     assert recorded == str(words_file.resolve())
 
