@@ -240,8 +240,12 @@ def test_sweep_trains_every_combination_into_its_own_run_directory(tmp_path, wor
     assert "4 run directories" in capsys.readouterr().out
     for name in names:
         run = RunDir.open(out / name)
-        assert run.read_metrics()[-1]["event"] == "final"
+        final = run.read_metrics()[-1]
+        assert final["event"] == "final"
         assert (out / name / "report.html").is_file()
+        capsys.readouterr()
+        assert main(["eval", str(out / name), "--split", "val"]) == 0  # the reference path's evaluation
+        assert f"loss {final['val']:.4f}" in capsys.readouterr().out
         assert main(["sample", str(out / name), "-n", "3"]) == 0
     # one grid run against the same configuration trained alone
     alone = tmp_path / "alone"

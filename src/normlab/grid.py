@@ -121,7 +121,8 @@ def _write_run(path: Path, name: str, config: RunConfig, vocab: Vocab, splits, r
         run.append_metrics(row)
     if result.diverged_at is not None:
         run.append_metrics({"event": "diverged", "step": result.diverged_at})
-    final = record_final_losses(run, None if result.diverged_at is not None else result.model, splits)
+    final = record_final_losses(run, None if result.diverged_at is not None else result.model, splits,
+                                {"train": result.train_loss, "val": result.val_loss})  # the runner's, full splits
     if result.snapshots:
         from normlab.diagnostics import Diagnostics, inspect_model, save_diagnostics, write_report
 

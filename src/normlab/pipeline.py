@@ -109,11 +109,13 @@ def _train_and_finish(run: RunDir, model: LanguageModel, splits: Splits, *, star
     return outcome
 
 
-def record_final_losses(run: RunDir, model: torch.nn.Module | None, splits: Splits) -> dict[str, float]:
+def record_final_losses(run: RunDir, model: torch.nn.Module | None, splits: Splits,
+                        measured: dict[str, float] | None = None) -> dict[str, float]:
     """The full-split losses of `model` (NaN each for a diverged run, `model` None), appended to the run's metrics
-    as its "final" row."""
-    final = {split: math.nan if model is None else evaluate(model, *splits.get(split))
-             for split in ("train", "val", "test")}
+    as its "final" row. `measured`: full-split losses already computed (e.g. by the sweep runner), not redone."""
+    measured = measured or {}
+    final = {split: measured[split] if split in measured else math.nan if model is None
+             else evaluate(model, *splits.get(split)) for split in ("train", "val", "test")}
     run.append_metrics({"event": "final", "step": run.config.train.steps, **final})
     return final
 
