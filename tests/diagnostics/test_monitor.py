@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.diagnostics import Monitor, collect
+from normlab.diagnostics import Monitor, collect, load_diagnostics
 from normlab.diagnostics import metrics as m
+from normlab.diagnostics import monitor as monitor_module
 
 from .models import batch, count_forward_hooks, lesson_mlp, train_step
 
@@ -198,7 +199,8 @@ def test_without_an_optimizer_parameters_are_read_at_end_step():
     assert diagnostics.layers(m.LEARNING_RATE) == []
 
 
-def test_a_recording_step_copies_to_the_host_once(monkeypatch):
+def test_a_recording_step_on_a_device_copies_to_the_host_once(monkeypatch):
+    monkeypatch.setattr(collect, "HOST_DEVICES", ())  # CPU tensors through the device path, as on a GPU
     model = lesson_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, optimizer, every=1)
@@ -217,29 +219,98 @@ def test_a_recording_step_copies_to_the_host_once(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     monitor.end_step(loss)
+    assert calls == {"cpu": 0, "item": 0, "tolist": 0, "__float__": 0}  # captured, summarised later
+    recorded = monitor.diagnostics
     monkeypatch.undo()
     monitor.close()
     assert calls == {"cpu": 1, "item": 0, "tolist": 0, "__float__": 0}
-    assert math.isfinite(monitor.diagnostics.value("", m.LOSS, 0))
+    assert math.isfinite(recorded.value("", m.LOSS, 0))
 
 
-def test_statistics_do_not_depend_on_how_the_tensors_are_chunked(monkeypatch):
+def test_statistics_do_not_depend_on_the_backend_or_on_how_the_tensors_are_chunked(monkeypatch):
     inputs, targets = batch()
-    recorded = {}
-    for chunk_elements in (collect.CHUNK_ELEMENTS, 300):  # 300: several vectors, some pieces alone
+    recorded = []
+    # numpy on the host in one vector and in several (300: some pieces alone), torch as on a device
+    for host_devices, chunk_elements in ((("cpu",), collect.CHUNK_ELEMENTS), (("cpu",), 300), ((), 300)):
+        monkeypatch.setattr(collect, "HOST_DEVICES", host_devices)
         monkeypatch.setattr(collect, "CHUNK_ELEMENTS", chunk_elements)
         model = lesson_mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         with Monitor(model, optimizer, every=1, bins=8) as monitor:
             train_step(model, optimizer, monitor, 0, inputs, targets)
-        recorded[chunk_elements] = monitor.diagnostics
-    expected, actual = recorded.values()
+        recorded.append(monitor.diagnostics)
+    expected = recorded[0]
+    for actual in recorded[1:]:
+        assert [row[:3] for row in actual.rows()] == [row[:3] for row in expected.rows()]
+        assert [row[3] for row in actual.rows()] == pytest.approx(
+            [row[3] for row in expected.rows()], rel=1e-6, abs=1e-9, nan_ok=True
+        )
+        assert actual.histograms.keys() == expected.histograms.keys()
+        for key, by_step in expected.histograms.items():
+            assert actual.histograms[key][0].counts.sum() == by_step[0].counts.sum()
+            # the torch path bins in float32, the host in float64: a value on an edge may move one bin
+            assert np.abs(actual.histograms[key][0].counts - by_step[0].counts).sum() <= 2
+            assert (actual.histograms[key][0].lo, actual.histograms[key][0].hi) == (by_step[0].lo, by_step[0].hi)
+
+
+def _run(monitor_every: int, steps: int, monkeypatch, batch_recordings: int):
+    """Train the lesson MLP with Adam and a tensor learning rate that a scheduler changes in place."""
+    monkeypatch.setattr(monitor_module, "BATCH_RECORDINGS", batch_recordings)
+    model = lesson_mlp()
+    optimizer = torch.optim.Adam(model.parameters(), lr=torch.tensor(0.01))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+    inputs, targets = batch()
+    monitor = Monitor(model, optimizer, every=monitor_every, bins=8)
+    for step in range(steps):
+        train_step(model, optimizer, monitor, step, inputs, targets)
+        scheduler.step()
+    return monitor
+
+
+def test_recordings_summarised_in_batches_equal_those_summarised_at_once(monkeypatch):
+    one_by_one = _run(2, 13, monkeypatch, batch_recordings=1)
+    assert not one_by_one._pending
+    batched = _run(2, 13, monkeypatch, batch_recordings=3)
+    assert [step for step, _ in batched._pending] == [12]  # 7 recordings: two batches of 3, one pending
+    expected, actual = one_by_one.diagnostics, batched.diagnostics
+    assert not batched._pending
+    assert actual.steps() == expected.steps() == list(range(0, 13, 2))
     assert [row[:3] for row in actual.rows()] == [row[:3] for row in expected.rows()]
-    assert [row[3] for row in actual.rows()] == pytest.approx(
-        [row[3] for row in expected.rows()], nan_ok=True
-    )
+    np.testing.assert_array_equal([row[3] for row in actual.rows()], [row[3] for row in expected.rows()])
     for key, by_step in expected.histograms.items():
-        np.testing.assert_array_equal(actual.histograms[key][0].counts, by_step[0].counts)
+        for step, histogram in by_step.items():
+            np.testing.assert_array_equal(actual.histograms[key][step].counts, histogram.counts)
+    # the rate of each recorded step, though the scheduler changed the tensor in place since
+    assert actual.series("", m.LEARNING_RATE)[1] == pytest.approx([0.01 / (1 + step) for step in range(0, 13, 2)])
+
+
+def test_save_and_close_summarise_the_pending_recordings(monkeypatch, tmp_path):
+    monitor = _run(1, 3, monkeypatch, batch_recordings=16)
+    assert len(monitor._pending) == 3
+    monitor.save(tmp_path)
+    assert load_diagnostics(tmp_path).steps() == [0, 1, 2]
+    monitor = _run(1, 3, monkeypatch, batch_recordings=16)
+    monitor.close()
+    assert not monitor._pending and monitor._diagnostics.steps() == [0, 1, 2]
+
+
+def test_a_capture_beyond_the_chunk_size_is_summarised_at_once(monkeypatch):
+    monkeypatch.setattr(collect, "CHUNK_ELEMENTS", 100)
+    monitor = _run(1, 2, monkeypatch, batch_recordings=16)
+    assert not monitor._pending and monitor._diagnostics.steps() == [0, 1]
+
+
+def test_off_steps_still_check_the_step_and_the_monitor():
+    model = lesson_mlp()
+    monitor = Monitor(model, every=10)
+    assert monitor.begin_step(np.int64(3)) is False
+    with pytest.raises(ValueError, match="True"):
+        monitor.begin_step(True)
+    with pytest.raises(ValueError, match="-3"):
+        monitor.begin_step(-3)
+    monitor.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        monitor.begin_step(3)
 
 
 def test_invalid_arguments_raise_with_the_value():

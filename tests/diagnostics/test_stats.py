@@ -1,4 +1,8 @@
-"""The statistics in normlab.diagnostics.stats against hand computations and numpy."""
+"""The statistics in normlab.diagnostics.stats against hand computations and numpy.
+
+Each reduction has two implementations, torch on the device and numpy on the host: every test of them runs
+on both (``backend``).
+"""
 
 import math
 from fractions import Fraction
@@ -6,15 +10,47 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from normlab.diagnostics import stats
 
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "host"])
 
-def test_summary_matches_a_hand_computation():
-    mean, std, norm, nonfinite = stats.summary(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+
+def _raw(pieces: list, bins: int, backend: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Raw (sums (2, S), counts (S, bins), ranges (S, 2)) of the pieces, through one backend."""
+    pieces = [np.asarray(piece, dtype=np.float32).reshape(-1) for piece in pieces]
+    if backend == "torch":
+        values, segments = stats.concat([torch.from_numpy(piece) for piece in pieces])
+        counts, ranges = stats.segment_histograms(values, segments, bins)
+        return stats.segment_sums(values, segments).numpy(), counts.numpy(), ranges.numpy()
+    values = np.concatenate(pieces, dtype=np.float64)
+    segments = stats.host_segments([piece.size for piece in pieces])
+    counts, ranges = stats.host_segment_histograms(values, segments, bins)
+    return stats.host_segment_sums(values, segments), counts, ranges
+
+
+def _moments(pieces: list, backend: str) -> np.ndarray:
+    """(4, S): mean, std, norm and non-finite flag of each piece."""
+    sums = _raw(pieces, 1, backend)[0]
+    return stats.moments_from_sums(sums, [np.size(piece) for piece in pieces])
+
+
+def _histograms(pieces: list, bins: int, backend: str) -> tuple[np.ndarray, np.ndarray]:
+    """Finished (counts (S, bins), ranges (S, 2)) of each piece."""
+    return stats.finish_histograms(*_raw(pieces, bins, backend)[1:])
+
+
+def _histogram(values: list, bins: int, backend: str) -> tuple[list, tuple[float, float]]:
+    counts, ranges = _histograms([values], bins, backend)
+    return counts[0].tolist(), tuple(ranges[0].tolist())
+
+
+@BACKENDS
+def test_moments_match_a_hand_computation(backend):
+    mean, std, norm, nonfinite = _moments([[1.0, 2.0, 3.0, 4.0]], backend)[:, 0]
     # mean 10/4; squared deviations 2.25 + 0.25 + 0.25 + 2.25 = 5, unbiased: 5/3; norm sqrt(1+4+9+16)
     assert mean == pytest.approx(2.5)
     assert std == pytest.approx(math.sqrt(5 / 3))
@@ -22,23 +58,27 @@ def test_summary_matches_a_hand_computation():
     assert nonfinite == 0
 
 
-def test_summary_of_a_single_value_has_zero_std():
-    assert stats.summary(torch.tensor([3.0]))[1] == 0
+@BACKENDS
+def test_a_single_value_has_zero_std(backend):
+    assert _moments([[3.0]], backend)[1, 0] == 0
 
 
-def test_summary_keeps_a_large_mean_with_a_tiny_spread_accurate():
+@BACKENDS
+def test_moments_keep_a_large_mean_with_a_tiny_spread_accurate(backend):
     values = torch.ones(1000) + torch.linspace(-1e-4, 1e-4, 1000)  # like a norm layer's gain
     expected = np.std(values.numpy().astype(np.float64), ddof=1)
-    assert stats.summary(values)[1] == pytest.approx(expected, rel=1e-4)
+    assert _moments([values.numpy()], backend)[1, 0] == pytest.approx(expected, rel=1e-4)
 
 
+@BACKENDS
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_summary_flags_non_finite_values(bad):
-    _, std, _, nonfinite = stats.summary(torch.tensor([1.0, bad, 2.0]))
+def test_non_finite_values_are_flagged(backend, bad):
+    _, std, _, nonfinite = _moments([[1.0, bad, 2.0]], backend)[:, 0]
     assert nonfinite == 1
     assert not math.isfinite(std)
 
 
+@BACKENDS
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(
@@ -47,46 +87,48 @@ def test_summary_flags_non_finite_values(bad):
         max_size=4,
     )
 )
-def test_segment_moments_match_numpy_per_tensor(pieces):
-    values, segments = stats.concat([torch.from_numpy(piece) for piece in pieces])
-    sums = stats.segment_sums(values, segments).numpy()
-    for (total, total_of_squares), piece in zip(sums.T.tolist(), pieces, strict=True):
-        row = stats.moments_from_sums(total, total_of_squares, piece.size)
+def test_segment_moments_match_numpy_per_tensor(backend, pieces):
+    moments = _moments(pieces, backend)
+    for (mean, std, norm, nonfinite), piece in zip(moments.T.tolist(), pieces, strict=True):
         wide = piece.astype(np.float64)
-        assert row[0] == pytest.approx(wide.mean(), abs=1e-9, rel=1e-9)
+        assert mean == pytest.approx(wide.mean(), abs=1e-9, rel=1e-9)
         expected_std = wide.std(ddof=1) if wide.size > 1 else 0.0
-        assert row[1] == pytest.approx(expected_std, abs=1e-6, rel=1e-6)
-        assert row[2] == pytest.approx(np.linalg.norm(wide), rel=1e-9)
+        assert std == pytest.approx(expected_std, abs=1e-6, rel=1e-6)
+        assert norm == pytest.approx(np.linalg.norm(wide), rel=1e-9)
+        assert nonfinite == 0
 
 
-def test_histogram_matches_a_hand_computation():
-    counts, lo, hi = stats.histogram(torch.tensor([0.0, 1.0, 2.0, 3.0, 4.0]), bins=4)
+@BACKENDS
+def test_histogram_matches_a_hand_computation(backend):
+    counts, (lo, hi) = _histogram([0.0, 1.0, 2.0, 3.0, 4.0], 4, backend)
     # bins [0,1) [1,2) [2,3) [3,4]: the maximum goes into the last bin, as in numpy.histogram
-    assert counts.tolist() == [1, 1, 1, 2]
+    assert counts == [1, 1, 1, 2] == np.histogram([0, 1, 2, 3, 4], bins=4)[0].tolist()
     assert (lo, hi) == (0.0, 4.0)
-    np.testing.assert_array_equal(counts, np.histogram([0, 1, 2, 3, 4], bins=4)[0])
 
 
-def test_histogram_of_a_range_of_a_few_denormals_spreads_over_the_bins():
+@BACKENDS
+def test_histogram_of_a_range_of_a_few_denormals_spreads_over_the_bins(backend):
     # bins / (hi - lo) overflows float32 here; the positions must not (found by hypothesis)
     tiny = float(np.finfo(np.float32).tiny)  # 1.1754944e-38
-    counts, lo, hi = stats.histogram(torch.tensor([0.0, tiny / 2, tiny], dtype=torch.float32), bins=4)
-    assert counts.tolist() == [1, 0, 1, 1]
+    counts, (lo, hi) = _histogram([0.0, tiny / 2, tiny], 4, backend)
+    assert counts == [1, 0, 1, 1]
     assert (lo, hi) == (0.0, tiny)
 
 
-def test_histogram_of_a_range_wider_than_the_largest_float_spreads_over_the_bins():
+@BACKENDS
+def test_histogram_of_a_range_wider_than_the_largest_float_spreads_over_the_bins(backend):
     values = [-3e38, -2e38, 0.0, 2e38, 3e38]  # hi - lo overflows float32 to inf
-    counts, lo, hi = stats.histogram(torch.tensor(values, dtype=torch.float32), bins=3)
+    counts, (lo, hi) = _histogram(values, 3, backend)
     # bins [-3e38, -1e38) [-1e38, 1e38) [1e38, 3e38]
-    assert counts.tolist() == [2, 1, 2] == np.histogram(np.array(values), bins=3)[0].tolist()
+    assert counts == [2, 1, 2] == np.histogram(np.array(values), bins=3)[0].tolist()
     assert (lo, hi) == (float(np.float32(-3e38)), float(np.float32(3e38)))
 
 
-def test_histogram_of_a_constant_is_centred_on_it():
-    counts, lo, hi = stats.histogram(torch.full((3,), 2.0), bins=4)
+@BACKENDS
+def test_histogram_of_a_constant_is_centred_on_it(backend):
+    counts, (lo, hi) = _histogram([2.0, 2.0, 2.0], 4, backend)
     assert (lo, hi) == (1.5, 2.5)
-    assert counts.tolist() == [0, 0, 3, 0]  # bins [1.5,1.75) [1.75,2) [2,2.25) [2.25,2.5]
+    assert counts == [0, 0, 3, 0]  # bins [1.5,1.75) [1.75,2) [2,2.25) [2.25,2.5]
 
 
 def _assert_exact_binning(counts: np.ndarray, piece: np.ndarray, bins: int) -> None:
@@ -103,6 +145,7 @@ def _assert_exact_binning(counts: np.ndarray, piece: np.ndarray, bins: int) -> N
         assert surely_below <= cumulative[edge - 1] <= maybe_below, (edge, counts)
 
 
+@BACKENDS
 @settings(max_examples=25, deadline=None)
 @given(
     st.lists(
@@ -110,11 +153,9 @@ def _assert_exact_binning(counts: np.ndarray, piece: np.ndarray, bins: int) -> N
     ),
     st.integers(1, 16),
 )
-def test_segment_histograms_match_exact_binning_per_tensor(pieces, bins):
-    values, segments = stats.concat([torch.from_numpy(piece) for piece in pieces])
-    counts, ranges = stats.segment_histograms(values, segments, bins)
-    for row, (lo, hi), piece in zip(counts.numpy(), ranges.tolist(), pieces, strict=True):
-        row, lo, hi = stats.finish_histogram(row, lo, hi)
+def test_segment_histograms_match_exact_binning_per_tensor(backend, pieces, bins):
+    counts, ranges = _histograms(pieces, bins, backend)
+    for row, (lo, hi), piece in zip(counts, ranges.tolist(), pieces, strict=True):
         if piece.min() == piece.max():
             assert row.sum() == piece.size
             continue
@@ -122,27 +163,56 @@ def test_segment_histograms_match_exact_binning_per_tensor(pieces, bins):
         _assert_exact_binning(row, piece, bins)
 
 
-def test_histogram_of_a_segment_with_nan_is_empty_and_leaves_the_others_alone():
-    values, segments = stats.concat([torch.tensor([1.0, float("nan")]), torch.tensor([0.0, 1.0])])
-    counts, ranges = stats.segment_histograms(values, segments, bins=2)
-    finished = [stats.finish_histogram(row, *bounds) for row, bounds in zip(counts.numpy(), ranges.tolist())]
-    assert finished[0][0].tolist() == [0, 0] and finished[0][1:] == (-0.5, 0.5)
-    assert finished[1][0].tolist() == [1, 1] and finished[1][1:] == (0.0, 1.0)
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        arrays(np.float32, st.integers(2, 30), elements=st.floats(width=32, allow_nan=False, allow_infinity=False)),
+        min_size=1,
+        max_size=3,
+    ),
+    st.integers(1, 8),
+)
+def test_host_histograms_bin_any_float32_range_exactly(pieces, bins):
+    # float64 positions are within 1e-12 of a bin width of the exact ones, and a value exactly on an edge
+    # goes to the bin above: away from that sliver, the host's counts are the exact ones, from denormal
+    # ranges to ranges wider than the largest float32
+    counts, _ = _histograms(pieces, bins, "host")
+    for row, piece in zip(counts, pieces, strict=True):
+        lo, hi = Fraction(float(piece.min())), Fraction(float(piece.max()))
+        if lo == hi:
+            continue
+        positions = [(Fraction(x) - lo) * bins / (hi - lo) for x in piece.tolist()]
+        assume(all(p == round(p) or abs(p - round(p)) > Fraction(1, 10**11) for p in positions))
+        expected = np.bincount([min(math.floor(p), bins - 1) for p in positions], minlength=bins)
+        np.testing.assert_array_equal(row, expected)
+
+
+@BACKENDS
+def test_histogram_of_a_segment_with_nan_is_empty_and_leaves_the_others_alone(backend):
+    counts, ranges = _histograms([[1.0, float("nan")], [0.0, 1.0]], 2, backend)
+    assert counts.tolist() == [[0, 0], [1, 1]]
+    assert ranges.tolist() == [[-0.5, 0.5], [0.0, 1.0]]
+
+
+@BACKENDS
+def test_histogram_of_a_segment_with_inf_is_empty_and_leaves_the_others_alone(backend):
+    counts, ranges = _histograms([[1.0, float("inf"), -2.0], [3.0, 3.0], [0.0, 1.0]], 2, backend)
+    assert counts.tolist() == [[0, 0], [0, 2], [1, 1]]
+    assert ranges.tolist() == [[-0.5, 0.5], [2.5, 3.5], [0.0, 1.0]]
 
 
 def test_moments_of_an_empty_segment_are_undefined():
-    mean, std, norm, nonfinite = stats.moments_from_sums(0.0, 0.0, 0)
+    mean, std, norm, nonfinite = stats.moments_from_sums(np.zeros((2, 1)), [0])[:, 0]
     assert math.isnan(mean) and math.isnan(std) and norm == 0 and nonfinite == 0
 
 
-def test_empty_segment_gets_an_empty_histogram():
-    values, segments = stats.concat([torch.zeros(0), torch.tensor([5.0])])
-    counts, ranges = stats.segment_histograms(values, segments, bins=3)
-    empty, constant = (
-        stats.finish_histogram(row, *bounds) for row, bounds in zip(counts.numpy(), ranges.tolist())
-    )
-    assert empty[0].sum() == 0 and empty[1:] == (-0.5, 0.5)
-    assert constant[0].tolist() == [0, 1, 0] and constant[1:] == (4.5, 5.5)
+@BACKENDS
+def test_empty_segment_gets_an_empty_histogram(backend):
+    counts, ranges = _histograms([[], [5.0], [], [1.0, 2.0]], 3, backend)
+    assert counts.tolist() == [[0, 0, 0], [0, 1, 0], [0, 0, 0], [1, 0, 1]]
+    assert ranges.tolist() == [[-0.5, 0.5], [4.5, 5.5], [-0.5, 0.5], [1.0, 2.0]]
+    (empty_mean, mean), (empty_std, std) = _moments([[], [5.0]], backend)[:2].tolist()
+    assert math.isnan(empty_mean) and math.isnan(empty_std) and (mean, std) == (5.0, 0.0)
 
 
 def test_bincount_and_scatter_counting_agree():
@@ -181,4 +251,8 @@ def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="0-d"):
         stats.dead_fraction(torch.tensor(1.0))
     with pytest.raises(ValueError, match="bins"):
-        stats.histogram(torch.zeros(2), bins=0)
+        _raw([[0.0, 1.0]], 0, "torch")
+    with pytest.raises(ValueError, match="bins"):
+        _raw([[0.0, 1.0]], 0, "host")
+    with pytest.raises(ValueError, match="lengths"):
+        stats.host_segments([])

@@ -1,8 +1,9 @@
-"""Turn the tensors captured during one recording step into diagnostics, with one device-to-host copy.
+"""Turn the tensors captured during one recording step into diagnostics.
 
 The captured tensors are flattened into a few long vectors (at most :data:`CHUNK_ELEMENTS` each, which bounds
-the extra memory of a recording step), the statistics of all of them are computed together (see
-:mod:`normlab.diagnostics.stats`), packed into one tensor, and copied to the host once.
+the extra memory of a recording step) and the statistics of all of them are computed together (see
+:mod:`normlab.diagnostics.stats`): for tensors in CPU memory with numpy, which reads them in place; for
+tensors on a GPU with torch on the device, the results packed into one tensor and copied to the host once.
 """
 
 from __future__ import annotations
@@ -15,9 +16,13 @@ import torch
 
 from normlab.diagnostics import metrics as m
 from normlab.diagnostics.stats import (
+    HostSegments,
     Segments,
     dead_fraction,
-    finish_histogram,
+    finish_histograms,
+    host_segment_histograms,
+    host_segment_sums,
+    host_segments,
     make_segments,
     moments_from_sums,
     saturated_fraction,
@@ -28,6 +33,7 @@ from normlab.diagnostics.storage import Diagnostics, Histogram
 
 CHUNK_ELEMENTS = 1 << 22
 UPDATE = "update"
+HOST_DEVICES = ("cpu",)  # device types whose tensors numpy reads in place
 
 
 @dataclass
@@ -95,12 +101,13 @@ def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
     return groups
 
 
-def _segments(numels: list[int], device: torch.device, cache: dict) -> Segments:
+def _layout(numels: list[int], device: torch.device | None, cache: dict) -> Segments | HostSegments:
+    """The (cached) layout of ``numels``: on ``device`` for the torch reductions, or for numpy's (None)."""
     key = (tuple(numels), device)
     if key not in cache:
         if len(cache) >= 8:
             cache.clear()
-        cache[key] = make_segments(numels, device)
+        cache[key] = host_segments(numels) if device is None else make_segments(numels, device)
     return cache[key]
 
 
@@ -108,6 +115,107 @@ def _ratio(numerator: float, denominator: float) -> float:
     if denominator != 0:
         return numerator / denominator
     return math.nan if numerator == 0 or math.isnan(numerator) else math.inf
+
+
+@dataclass
+class _Raw:
+    """The raw statistics of every segment of a step, on the host, before they are finished."""
+
+    labels: list[tuple[str, str]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)  # (2, S) per group
+    counts: list[np.ndarray] = field(default_factory=list)  # (H, bins) per group
+    ranges: list[np.ndarray] = field(default_factory=list)  # (H, 2) per group
+    scalars: list[tuple[str, str, float]] = field(default_factory=list)  # (layer, metric, value)
+
+
+def _pieces(capture: Capture, parameter_names: list[str], parameter_numels: list[int]) -> list[_Piece]:
+    pieces = [_Piece(t.reshape(-1), [(key, m.HIST_ACT)], [t.numel()]) for key, t in capture.activations]
+    pieces += [
+        _Piece(t.reshape(-1), [(key, m.HIST_GRAD)], [t.numel()]) for key, t in capture.activation_grads
+    ]
+    if capture.parameter_values is not None:
+        names = [(name, m.HIST_PARAM) for name in parameter_names]
+        pieces.append(_Piece(capture.parameter_values, names, parameter_numels))
+    if capture.parameter_grads is not None:
+        names = [(name, m.HIST_PARAM_GRAD) for name in capture.grad_names]
+        pieces.append(_Piece(capture.parameter_grads, names, capture.grad_numels))
+    if capture.updates is not None:
+        names = [(name, UPDATE) for name in parameter_names]
+        pieces.append(_Piece(capture.updates, names, parameter_numels))
+    return pieces
+
+
+def _extras(capture: Capture, diagnostics: Diagnostics, saturation_threshold: float):
+    """``(layer, metric, value)`` of the step's other statistics; values are tensors, floats or None."""
+    for key, tensor in capture.activations:
+        info = diagnostics.modules[key]
+        if info.bound is not None:
+            yield key, m.ACT_SATURATED, saturated_fraction(tensor, saturation_threshold, info.bound)
+        if info.relu_like and tensor.dim() > 0:
+            yield key, m.ACT_DEAD, dead_fraction(tensor)
+    yield m.GLOBAL, m.LOSS, capture.loss
+    yield m.GLOBAL, m.LEARNING_RATE, capture.learning_rate
+
+
+def _host_array(tensor: torch.Tensor) -> np.ndarray:
+    return (tensor if tensor.dtype == torch.float32 else tensor.float()).numpy()
+
+
+def _on_host(pieces: list[_Piece], raw: _Raw, extras, bins: int, cache: dict) -> None:
+    """Every statistic with numpy, for tensors in CPU memory."""
+    for group in _groups(pieces):
+        values = np.concatenate([_host_array(piece.tensor) for piece in group], dtype=np.float64)
+        labels = [label for piece in group for label in piece.labels]
+        lengths = [n for piece in group for n in piece.numels]
+        segments = _layout(lengths, None, cache)
+        raw.sums.append(host_segment_sums(values, segments))
+        with_histogram = sum(kind != UPDATE for _, kind in labels)  # updates come last
+        if with_histogram:
+            prefix = segments.prefix(with_histogram)
+            counts, ranges = host_segment_histograms(values[: sum(prefix.lengths)], prefix, bins)
+            raw.counts.append(counts)
+            raw.ranges.append(ranges)
+        raw.labels += labels
+        raw.lengths += lengths
+    for layer, metric, value in extras:
+        if value is not None:
+            raw.scalars.append((layer, metric, float(value)))
+
+
+def _on_device(pieces: list[_Piece], raw: _Raw, extras, bins: int, cache: dict) -> None:
+    """Every statistic with torch on the tensors' device, then one copy of all the results to the host."""
+    device = pieces[0].tensor.device if pieces else torch.device("cpu")
+    packer = _Packer(device, torch.float32 if device.type == "mps" else torch.float64)
+    for number, group in enumerate(_groups(pieces)):
+        values = torch.cat(
+            [piece.tensor if piece.tensor.device == device else piece.tensor.to(device) for piece in group]
+        )
+        values = values if values.dtype == torch.float32 else values.float()
+        labels = [label for piece in group for label in piece.labels]
+        lengths = [n for piece in group for n in piece.numels]
+        segments = _layout(lengths, device, cache)
+        packer.add(f"sums{number}", segment_sums(values, segments))
+        with_histogram = sum(kind != UPDATE for _, kind in labels)  # updates come last
+        if with_histogram:
+            prefix = segments.prefix(with_histogram)
+            counts, ranges = segment_histograms(values[: prefix.ids.numel()], prefix, bins)
+            packer.add(f"counts{number}", counts)
+            packer.add(f"ranges{number}", ranges)
+        raw.labels += labels
+        raw.lengths += lengths
+    later = []
+    for number, (layer, metric, value) in enumerate(extras):
+        if isinstance(value, torch.Tensor):
+            packer.add(f"scalar{number}", value)
+            later.append((number, layer, metric))
+        elif value is not None:
+            raw.scalars.append((layer, metric, float(value)))
+    host = packer.fetch()
+    raw.sums += [host[key].reshape(2, -1) for key in host if key.startswith("sums")]
+    raw.counts += [host[key].reshape(-1, bins) for key in host if key.startswith("counts")]
+    raw.ranges += [host[key].reshape(-1, 2) for key in host if key.startswith("ranges")]
+    raw.scalars += [(layer, metric, float(host[f"scalar{number}"][0])) for number, layer, metric in later]
 
 
 def summarise(
@@ -123,67 +231,18 @@ def summarise(
 ) -> None:
     """Compute every statistic of ``capture`` and add them to ``diagnostics`` at ``step``.
 
-    ``cache`` (a dict kept between calls) lets repeated steps reuse their segment layouts.
+    Tensors in CPU memory are summarised with numpy (see :mod:`normlab.diagnostics.stats`), others with torch
+    on their device. ``cache`` (a dict kept between calls) lets repeated steps reuse their segment layouts.
     """
     cache = {} if cache is None else cache
-    pieces = [_Piece(t.reshape(-1), [(key, m.HIST_ACT)], [t.numel()]) for key, t in capture.activations]
-    pieces += [
-        _Piece(t.reshape(-1), [(key, m.HIST_GRAD)], [t.numel()]) for key, t in capture.activation_grads
-    ]
-    if capture.parameter_values is not None:
-        names = [(name, m.HIST_PARAM) for name in parameter_names]
-        pieces.append(_Piece(capture.parameter_values, names, parameter_numels))
-    if capture.parameter_grads is not None:
-        names = [(name, m.HIST_PARAM_GRAD) for name in capture.grad_names]
-        pieces.append(_Piece(capture.parameter_grads, names, capture.grad_numels))
-    if capture.updates is not None:
-        names = [(name, UPDATE) for name in parameter_names]
-        pieces.append(_Piece(capture.updates, names, parameter_numels))
-
-    device = pieces[0].tensor.device if pieces else torch.device("cpu")
-    packer = _Packer(device, torch.float32 if device.type == "mps" else torch.float64)
-    labels: list[tuple[str, str]] = []
-    lengths: list[int] = []
-    for number, group in enumerate(_groups(pieces)):
-        values = torch.cat(
-            [piece.tensor if piece.tensor.device == device else piece.tensor.to(device) for piece in group]
-        )
-        values = values if values.dtype == torch.float32 else values.float()
-        group_lengths = [n for piece in group for n in piece.numels]
-        segments = _segments(group_lengths, device, cache)
-        packer.add(f"sums{number}", segment_sums(values, segments).T)
-        group_labels = [label for piece in group for label in piece.labels]
-        with_histogram = sum(kind != UPDATE for _, kind in group_labels)  # updates come last
-        if with_histogram:
-            prefix = segments.prefix(with_histogram)
-            counts, ranges = segment_histograms(values[: prefix.ids.numel()], prefix, bins)
-            packer.add(f"histogram{number}", torch.cat([ranges, counts.to(ranges.dtype)], dim=1))
-        labels += group_labels
-        lengths += group_lengths
-    extra: list[tuple[str, str]] = []
-    for key, tensor in capture.activations:
-        info = diagnostics.modules[key]
-        if info.bound is not None:
-            extra.append((key, m.ACT_SATURATED))
-            packer.add(str(len(extra)), saturated_fraction(tensor, saturation_threshold, info.bound))
-        if info.relu_like and tensor.dim() > 0:
-            extra.append((key, m.ACT_DEAD))
-            packer.add(str(len(extra)), dead_fraction(tensor))
-    for name, value in ((m.LOSS, capture.loss), (m.LEARNING_RATE, capture.learning_rate)):
-        if isinstance(value, torch.Tensor):
-            extra.append((m.GLOBAL, name))
-            packer.add(str(len(extra)), value)
-        elif value is not None:
-            diagnostics.add_scalar(step, m.GLOBAL, name, float(value))
-    host = packer.fetch()
-
-    for number, (layer, metric) in enumerate(extra, start=1):
-        diagnostics.add_scalar(step, layer, metric, float(host[str(number)][0]))
-    if labels:
-        sums = np.concatenate([host[key].reshape(-1, 2) for key in host if key.startswith("sums")])
-        rows = [host[key].reshape(-1, bins + 2) for key in host if key.startswith("histogram")]
-        histograms = np.concatenate(rows) if rows else np.zeros((0, bins + 2))
-        _add_statistics(diagnostics, step, labels, lengths, sums, histograms)
+    pieces = _pieces(capture, parameter_names, parameter_numels)
+    extras = _extras(capture, diagnostics, saturation_threshold)
+    on_host = not pieces or pieces[0].tensor.device.type in HOST_DEVICES
+    raw = _Raw()
+    (_on_host if on_host else _on_device)(pieces, raw, extras, bins, cache)
+    diagnostics.add_scalars(step, raw.scalars)
+    if raw.labels:
+        _add_statistics(diagnostics, step, raw, bins)
 
 
 _NAMES = {
@@ -194,38 +253,34 @@ _NAMES = {
 }
 
 
-def _add_statistics(
-    diagnostics: Diagnostics,
-    step: int,
-    labels: list[tuple[str, str]],
-    lengths: list[int],
-    sums: np.ndarray,
-    histograms: np.ndarray,
-) -> None:
+def _add_statistics(diagnostics: Diagnostics, step: int, raw: _Raw, bins: int) -> None:
+    mean, std, norm, nonfinite = moments_from_sums(np.concatenate(raw.sums, axis=1), raw.lengths).tolist()
+    counts, ranges = finish_histograms(
+        np.concatenate(raw.counts) if raw.counts else np.zeros((0, bins)),
+        np.concatenate(raw.ranges) if raw.ranges else np.zeros((0, 2)),
+    )
+    ranges = ranges.tolist()
+    scalars: list[tuple[str, str, float]] = []
     parameter_std: dict[str, float] = {}
     squared_grad_norm = None
-    all_counts = np.rint(histograms[:, 2:]).astype(np.int64)
-    ranges = histograms[:, :2].tolist()
-    for index, ((layer, kind), count, (total, total_of_squares)) in enumerate(
-        zip(labels, lengths, sums.tolist(), strict=True)
-    ):
-        mean, std, norm, nonfinite = moments_from_sums(total, total_of_squares, count)
+    for index, (layer, kind) in enumerate(raw.labels):
         if kind == UPDATE:
-            diagnostics.add_scalar(step, layer, m.UPDATE_TO_DATA, _ratio(std, parameter_std[layer]))
+            scalars.append((layer, m.UPDATE_TO_DATA, _ratio(std[index], parameter_std[layer])))
             continue
         mean_name, std_name, nonfinite_name = _NAMES[kind]
-        diagnostics.add_scalar(step, layer, mean_name, mean)
-        diagnostics.add_scalar(step, layer, std_name, std)
-        diagnostics.add_scalar(step, layer, nonfinite_name, nonfinite)
-        diagnostics.add_histogram(
-            step, layer, kind, Histogram(*finish_histogram(all_counts[index], *ranges[index]))
-        )
+        scalars += [
+            (layer, mean_name, mean[index]),
+            (layer, std_name, std[index]),
+            (layer, nonfinite_name, nonfinite[index]),
+        ]
+        diagnostics.add_histogram(step, layer, kind, Histogram(counts[index], *ranges[index]))
         if kind == m.HIST_PARAM:
-            parameter_std[layer] = std
+            parameter_std[layer] = std[index]
         elif kind == m.HIST_PARAM_GRAD:
-            diagnostics.add_scalar(step, layer, m.PARAM_GRAD_NORM, norm)
-            squared_grad_norm = (squared_grad_norm or 0.0) + norm * norm
+            scalars.append((layer, m.PARAM_GRAD_NORM, norm[index]))
+            squared_grad_norm = (squared_grad_norm or 0.0) + norm[index] * norm[index]
             if layer in parameter_std:
-                diagnostics.add_scalar(step, layer, m.GRAD_TO_DATA, _ratio(std, parameter_std[layer]))
+                scalars.append((layer, m.GRAD_TO_DATA, _ratio(std[index], parameter_std[layer])))
     if squared_grad_norm is not None:
-        diagnostics.add_scalar(step, m.GLOBAL, m.GRAD_NORM, math.sqrt(squared_grad_norm))
+        scalars.append((m.GLOBAL, m.GRAD_NORM, math.sqrt(squared_grad_norm)))
+    diagnostics.add_scalars(step, scalars)

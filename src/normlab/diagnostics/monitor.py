@@ -13,6 +13,12 @@ Protocol in a training loop::
 
 Every hook (forward, tensor and optimizer hooks) exists only between ``begin_step`` and ``end_step`` of a
 recording step, so every other step runs exactly the code of an unmonitored model.
+
+A recording step only captures tensors (copies, on their device); their statistics are computed in batches of
+up to :data:`BATCH_RECORDINGS` recording steps (fewer when the captured values exceed
+``collect.CHUNK_ELEMENTS``), or whenever :attr:`Monitor.diagnostics`, :meth:`Monitor.save` or
+:meth:`Monitor.close` needs them. Within a batch the statistics code runs warm in the CPU's caches, which on
+a small model is most of its cost; on a GPU a recording step then never waits for the device.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from normlab.diagnostics import collect
 from normlab.diagnostics.collect import Capture, summarise
 from normlab.diagnostics.layers import select_modules
 from normlab.diagnostics.storage import Diagnostics, ModuleInfo, ParameterInfo, save_diagnostics
 
 ROOT = "(root)"
+BATCH_RECORDINGS = 16
 
 
 def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -44,6 +52,12 @@ def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         flat = torch.cat([t.reshape(-1) if t.device == device else t.reshape(-1).to(device) for t in tensors])
     return flat if flat.dtype == torch.float32 else flat.float()
+
+
+def _numel(capture: Capture) -> int:
+    tensors = [t for _, t in capture.activations + capture.activation_grads]
+    tensors += [t for t in (capture.parameter_values, capture.parameter_grads, capture.updates) if t is not None]
+    return sum(t.numel() for t in tensors)
 
 
 class Monitor:
@@ -59,7 +73,8 @@ class Monitor:
 
     A module called several times in one step is recorded once per call, as ``name``, ``name#1``, ...
     Outputs that are not a single tensor are skipped. Without an optimizer, parameters and their gradients are
-    read at :meth:`end_step`. Use as a context manager, or call :meth:`close` to remove every hook.
+    read at :meth:`end_step`. Use as a context manager, or call :meth:`close` to remove every hook. Read the
+    records from :attr:`diagnostics` (which first summarises any recording steps still pending).
     """
 
     def __init__(
@@ -89,7 +104,7 @@ class Monitor:
         self.every = every
         self.bins = bins
         self.saturation_threshold = float(saturation_threshold)
-        self.diagnostics = Diagnostics(
+        self._diagnostics = Diagnostics(
             settings={"every": every, "bins": bins, "saturation_threshold": self.saturation_threshold}
         )
         self._modules: list[tuple[str, nn.Module]] = []
@@ -98,14 +113,14 @@ class Monitor:
         for name, module, kind in select_modules(model, include, exclude):
             name = name or ROOT
             self._modules.append((name, module))
-            self.diagnostics.modules[name] = ModuleInfo(
+            self._diagnostics.modules[name] = ModuleInfo(
                 name, type(module).__name__, kind.family, kind.bound, kind.relu_like
             )
             for short, parameter in module.named_parameters(recurse=False):
                 if parameter.requires_grad and id(parameter) not in seen:
                     seen.add(id(parameter))
                     full = short if name == ROOT else f"{name}.{short}"
-                    self.diagnostics.parameters[full] = ParameterInfo(
+                    self._diagnostics.parameters[full] = ParameterInfo(
                         full, name, type(module).__name__, tuple(parameter.shape), len(self._parameters)
                     )
                     self._parameters.append((full, parameter))
@@ -116,7 +131,15 @@ class Monitor:
         self._calls: dict[str, int] = {}
         self._next_order = 0
         self._segment_cache: dict = {}
+        self._pending: list[tuple[int, Capture]] = []  # recording steps captured, not yet summarised
+        self._pending_elements = 0
         self._closed = False
+
+    @property
+    def diagnostics(self) -> Diagnostics:
+        """Everything recorded so far (summarising the recording steps still pending first)."""
+        self._summarise_pending()
+        return self._diagnostics
 
     @property
     def recording(self) -> bool:
@@ -128,6 +151,9 @@ class Monitor:
 
         A step records when ``step % every == 0`` or ``force`` is true (e.g. for the final step).
         """
+        off_step = type(step) is int and step > 0 and step % self.every and not force
+        if off_step and self._capture is None and not self._closed:
+            return False  # the common case, first and cheap
         if self._closed:
             raise RuntimeError("this Monitor is closed; create a new one to record again")
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
@@ -148,9 +174,10 @@ class Monitor:
         return True
 
     def end_step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Finish the step: on a recording step, compute and store its statistics and remove the hooks.
+        """Finish the step: on a recording step, remove the hooks and keep what they captured.
 
-        ``loss`` (a scalar tensor or a float) is recorded with them. Nothing happens on other steps.
+        ``loss`` (a scalar tensor or a float) is recorded with it. The statistics are computed with the next
+        batch (see the module's notes). Nothing happens on other steps.
         """
         capture = self._capture
         if capture is None:
@@ -162,19 +189,27 @@ class Monitor:
             if isinstance(loss, torch.Tensor):
                 if loss.numel() != 1:
                     raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
-                capture.loss = loss.detach()
+                capture.loss = loss.detach().clone()
             else:
                 capture.loss = torch.tensor(float(loss))
-        summarise(
-            capture,
-            self._step,
-            self.diagnostics,
-            parameter_names=[name for name, _ in self._parameters],
-            parameter_numels=[parameter.numel() for _, parameter in self._parameters],
-            bins=self.bins,
-            saturation_threshold=self.saturation_threshold,
-            cache=self._segment_cache,
-        )
+        self._pending.append((self._step, capture))
+        self._pending_elements += _numel(capture)
+        if len(self._pending) >= BATCH_RECORDINGS or self._pending_elements >= collect.CHUNK_ELEMENTS:
+            self._summarise_pending()
+
+    def _summarise_pending(self) -> None:
+        pending, self._pending, self._pending_elements = self._pending, [], 0
+        for step, capture in pending:
+            summarise(
+                capture,
+                step,
+                self._diagnostics,
+                parameter_names=[name for name, _ in self._parameters],
+                parameter_numels=[parameter.numel() for _, parameter in self._parameters],
+                bins=self.bins,
+                saturation_threshold=self.saturation_threshold,
+                cache=self._segment_cache,
+            )
 
     def save(self, run_dir: str | os.PathLike) -> Path:
         """Write (merge) the diagnostics into ``run_dir/diagnostics/``; returns that directory."""
@@ -183,6 +218,7 @@ class Monitor:
     def close(self) -> None:
         """Remove every hook this monitor registered. Recorded diagnostics stay available."""
         self._disarm()
+        self._summarise_pending()
         self._closed = True
 
     def __enter__(self) -> Monitor:
@@ -201,11 +237,11 @@ class Monitor:
         calls = self._calls.get(name, 0)
         self._calls[name] = calls + 1
         key = name if calls == 0 else f"{name}#{calls}"
-        info = self.diagnostics.modules.get(key)
+        info = self._diagnostics.modules.get(key)
         if info is None:
-            info = replace(self.diagnostics.modules[name], name=key, order=None)
+            info = replace(self._diagnostics.modules[name], name=key, order=None)
         if info.order is None:
-            self.diagnostics.modules[key] = replace(info, order=self._next_order)
+            self._diagnostics.modules[key] = replace(info, order=self._next_order)
             self._next_order += 1
         return key
 
@@ -224,7 +260,8 @@ class Monitor:
 
     def _capture_parameters(self, capture: Capture) -> None:
         if self._optimizer is not None:
-            capture.learning_rate = self._optimizer.param_groups[0]["lr"]
+            rate = self._optimizer.param_groups[0]["lr"]  # a tensor rate is updated in place: copy it
+            capture.learning_rate = rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
         if not self._parameters:
             return
         capture.parameter_values = _flatten([parameter for _, parameter in self._parameters])

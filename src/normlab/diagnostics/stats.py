@@ -1,13 +1,19 @@
-"""Statistics of tensors, as pure functions: reductions on the device, finished on the host.
+"""Statistics of tensors, as pure functions: vectorised reductions over many tensors at once.
 
-The ``segment_*`` functions and :func:`saturated_fraction` / :func:`dead_fraction` return tensors on the
-input's device and never read anything back to the host, so a monitor can compute everything of a training
-step and copy the results to the host once; :func:`moments_from_sums` and :func:`finish_histogram` then
-finish on the host, per segment.
+Several tensors are summarised together by flattening them into one vector and describing its layout (one
+segment per original tensor): a handful of vectorised operations then replace a loop of small ones per
+tensor, which is what keeps a recording step cheap on small models. There are two implementations of the
+same reductions:
 
-Several tensors are summarised together by flattening them into one vector and describing its layout with
-:class:`Segments` (one segment per original tensor): a handful of vectorised operations then replace a loop
-of small ones per tensor, which is what keeps a recording step cheap on small models.
+- on the device, with torch (:class:`Segments`, :func:`segment_sums`, :func:`segment_histograms`,
+  :func:`saturated_fraction`, :func:`dead_fraction`): they never read anything back to the host, so a monitor
+  on a GPU computes everything of a training step there and copies the results once;
+- on the host, with numpy (:class:`HostSegments`, :func:`host_segment_sums`, :func:`host_segment_histograms`),
+  for tensors already in CPU memory: numpy's reductions cost a fraction of torch's there, and the host can
+  branch on the data.
+
+Both return raw sums and histograms, which :func:`moments_from_sums` and :func:`finish_histograms` turn into
+the reported statistics (on the host, for all segments at once).
 
 Conventions (shared with the lesson): ``std`` is the unbiased standard deviation (Bessel's correction, as
 ``torch.Tensor.std``), except that a single value has std 0 instead of NaN. Histograms have ``bins``
@@ -99,21 +105,27 @@ def segment_sums(values: torch.Tensor, segments: Segments) -> torch.Tensor:
     return torch.stack([total, total_of_squares])
 
 
-def moments_from_sums(total: float, total_of_squares: float, count: int) -> tuple[float, float, float, float]:
-    """Mean, std, L2 norm and non-finite flag of a segment from its :func:`segment_sums` (on the host).
+def moments_from_sums(sums: np.ndarray, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Mean, std, L2 norm and non-finite flag of each segment from its sums (on the host): shape ``(4, S)``.
 
-    ``var = (sum(x**2) - sum(x) * mean) / (count - 1)`` in float64 is accurate for float32 data unless
-    ``|mean| / std`` exceeds about 1e6. The flag is 1.0 when the segment held any NaN or Inf (its sums are
-    then not finite), and mean, std and norm are then not finite either: the damage stays visible. An empty
-    segment has NaN mean and std.
+    ``sums`` is ``(2, S)``: each segment's sum and sum of squares in float64 (:func:`segment_sums`,
+    :func:`host_segment_sums`); ``counts`` its number of elements. ``var = (sum(x**2) - sum(x) * mean) /
+    (count - 1)`` in float64 is accurate for float32 data unless ``|mean| / std`` exceeds about 1e6. The flag is
+    1.0 when the segment held any NaN or Inf (its sums are then not finite), and mean, std and norm are then not
+    finite either: the damage stays visible. An empty segment has NaN mean and std.
     """
-    if not (math.isfinite(total) and math.isfinite(total_of_squares)):
-        return total / max(count, 1), math.nan, math.sqrt(total_of_squares), 1.0
-    if count == 0:
-        return math.nan, math.nan, 0.0, 0.0
-    mean = total / count
-    squared_deviation = max(total_of_squares - total * mean, 0.0)
-    return mean, math.sqrt(squared_deviation / max(count - 1, 1)), math.sqrt(total_of_squares), 0.0
+    total, total_of_squares = np.asarray(sums, dtype=np.float64)
+    count = np.asarray(counts, dtype=np.float64)
+    finite = np.isfinite(total) & np.isfinite(total_of_squares)
+    with np.errstate(invalid="ignore"):
+        mean = total / np.maximum(count, 1)
+        squared_deviation = np.maximum(total_of_squares - total * mean, 0.0)
+        std = np.sqrt(squared_deviation / np.maximum(count - 1, 1))
+        norm = np.sqrt(total_of_squares)
+    std[~finite] = math.nan
+    empty = finite & (count == 0)
+    mean[empty] = std[empty] = math.nan
+    return np.stack([mean, std, norm, (~finite).astype(np.float64)])
 
 
 def segment_histograms(
@@ -152,20 +164,27 @@ def segment_histograms(
     return counts, torch.stack([lo, hi], dim=1)
 
 
-def finish_histogram(counts: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, float, float]:
-    """Apply the conventions to one raw row of :func:`segment_histograms` (on the host).
+def finish_histograms(counts: np.ndarray, ranges: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the conventions to raw histograms (on the host): ``(counts (S, bins) int64, ranges (S, 2))``.
 
+    ``counts`` and ``ranges`` are the raw rows of :func:`segment_histograms` or :func:`host_segment_histograms`.
     A constant segment ``c`` gets the range ``(c - 0.5, c + 0.5)`` with all its values in the middle bin. An
     empty segment, or one holding NaN or Inf (its range is then not finite), gets ``(-0.5, 0.5)`` and zero
     counts: its non-finite flag from :func:`moments_from_sums` says why.
     """
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        return np.zeros_like(counts), -0.5, 0.5
-    if lo == hi:
-        centred = np.zeros_like(counts)
-        centred[len(counts) // 2] = counts.sum()
-        return centred, lo - 0.5, hi + 0.5
-    return counts, lo, hi
+    counts = np.rint(counts).astype(np.int64)
+    lo, hi = np.array(ranges, dtype=np.float64).reshape(-1, 2).T.copy()
+    broken = ~(np.isfinite(lo) & np.isfinite(hi))
+    counts[broken] = 0
+    lo[broken], hi[broken] = -0.5, 0.5
+    constant = np.flatnonzero(lo == hi)
+    if constant.size:
+        totals = counts[constant].sum(axis=1)
+        counts[constant] = 0
+        counts[constant, counts.shape[1] // 2] = totals
+        lo[constant] -= 0.5
+        hi[constant] += 0.5
+    return counts, np.stack([lo, hi], axis=1)
 
 
 def _count(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -188,16 +207,112 @@ def summary(tensor: torch.Tensor) -> tuple[float, float, float, float]:
     A convenience for a single tensor (it copies to the host).
     """
     values, segments = concat([tensor])
-    total, total_of_squares = segment_sums(values, segments).cpu()[:, 0].tolist()
-    return moments_from_sums(total, total_of_squares, tensor.numel())
+    return tuple(moments_from_sums(segment_sums(values, segments).cpu().numpy(), [tensor.numel()])[:, 0].tolist())
 
 
 def histogram(tensor: torch.Tensor, bins: int) -> tuple[np.ndarray, float, float]:
     """Finished histogram of one tensor on the host: ``(counts, lo, hi)``; see :func:`segment_histograms`."""
     values, segments = concat([tensor])
-    counts, ranges = segment_histograms(values, segments, bins)
-    lo, hi = ranges[0].tolist()
-    return finish_histogram(counts[0].cpu().numpy().astype(np.int64), lo, hi)
+    counts, ranges = finish_histograms(*(part.cpu().numpy() for part in segment_histograms(values, segments, bins)))
+    return counts[0], *ranges[0].tolist()
+
+
+@dataclass(frozen=True)
+class HostSegments:
+    """The layout of several flattened tensors concatenated into one numpy vector (see :class:`Segments`).
+
+    ``starts[i]`` is where segment ``i`` begins; ``nonempty`` lists the segments with at least one element
+    (numpy's ``reduceat`` needs them: it cannot express an empty segment).
+    """
+
+    lengths: tuple[int, ...]
+    sizes: np.ndarray
+    starts: np.ndarray
+    nonempty: np.ndarray
+    _cache: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def count(self) -> int:
+        """Number of segments."""
+        return len(self.lengths)
+
+    def prefix(self, count: int) -> HostSegments:
+        """The layout of the first ``count`` segments only; cached."""
+        key = ("prefix", count)
+        if key not in self._cache:
+            self._cache[key] = host_segments(self.lengths[:count])
+        return self._cache[key]
+
+    def bin_offsets(self, stride: int) -> np.ndarray:
+        """Each element's segment index times ``stride``, as float64: where its row of bins starts; cached."""
+        if stride not in self._cache:
+            self._cache[stride] = np.repeat(np.arange(self.count) * float(stride), self.sizes)
+        return self._cache[stride]
+
+
+def host_segments(lengths: Sequence[int]) -> HostSegments:
+    """Build the :class:`HostSegments` of a vector made of pieces of the given ``lengths``."""
+    lengths = tuple(int(length) for length in lengths)
+    if not lengths or any(length < 0 for length in lengths):
+        raise ValueError(f"segment lengths must be a non-empty list of ints >= 0, got {lengths}")
+    sizes = np.array(lengths, dtype=np.int64)
+    starts = np.cumsum(sizes) - sizes
+    return HostSegments(lengths, sizes, starts, np.flatnonzero(sizes))
+
+
+def _reduce(ufunc: np.ufunc, values: np.ndarray, segments: HostSegments, empty: float) -> np.ndarray:
+    """``ufunc`` over each segment of ``values`` (``empty`` for an empty segment)."""
+    result = np.full(segments.count, empty)
+    if values.size:
+        result[segments.nonempty] = ufunc.reduceat(values, segments.starts[segments.nonempty])
+    return result
+
+
+def host_segment_sums(values: np.ndarray, segments: HostSegments) -> np.ndarray:
+    """Sum and sum of squares of each segment of ``values`` in float64: shape ``(2, segments.count)``.
+
+    The host twin of :func:`segment_sums`.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    return np.stack([_reduce(np.add, values, segments, 0.0), _reduce(np.add, np.square(values), segments, 0.0)])
+
+
+def host_segment_histograms(
+    values: np.ndarray, segments: HostSegments, bins: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Raw equal-width histogram of each segment over its own ``[min, max]``: the host twin of
+    :func:`segment_histograms`, returning ``counts`` (``(S, bins)``, int64) and ``ranges`` (``(S, 2)``).
+
+    ``values`` holds float32 numbers (in a float32 or float64 array). Positions ``(x - lo) * bins / (hi - lo)``
+    are computed in float64, where every float32 range, from a few denormals to wider than the largest
+    float32, is an ordinary number: a value on an inner edge lands in the bin above it, as in
+    ``numpy.histogram``, and a value within about 1e-12 of a bin width of an edge may fall into either
+    neighbour. Finish the rows with :func:`finish_histograms`.
+    """
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    values = np.asarray(values, dtype=np.float64)
+    lo = _reduce(np.minimum, values, segments, math.inf)  # NaN propagates
+    hi = _reduce(np.maximum, values, segments, -math.inf)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        span = hi - lo
+        # bins nudged up by a few units in the last place: x − lo exactly on an edge lands in the bin above
+        scale = bins * (1 + 2.0**-50) / span
+        # not constant, empty or holding NaN/Inf: the others put every value at position 0
+        usable = np.isfinite(span) & (span > 0) & np.isfinite(scale)
+        position = np.repeat(np.where(usable, lo, 0.0), segments.sizes)
+        np.subtract(values, position, out=position)
+        position *= np.repeat(np.where(usable, scale, 0.0), segments.sizes)
+    if not usable.all():
+        np.nan_to_num(position, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # Inf · 0
+    # hi itself lands at position bins: each row has one spare bin, folded into the last one below
+    position += segments.bin_offsets(bins + 1)
+    index = torch.from_numpy(position.astype(np.int64))  # torch's bincount is twice as fast as numpy's
+    table = torch.bincount(index, minlength=segments.count * (bins + 1)).numpy()
+    table = table.reshape(segments.count, bins + 1)
+    counts = table[:, :bins].copy()
+    counts[:, -1] += table[:, bins]
+    return counts, np.stack([lo, hi], axis=1)
 
 
 def saturated_fraction(tensor: torch.Tensor, threshold: float, bound: str) -> torch.Tensor:

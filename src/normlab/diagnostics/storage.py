@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -108,6 +109,12 @@ class Diagnostics:
     def add_scalar(self, step: int, layer: str, metric: str, value: float) -> None:
         """Record one value (replacing any earlier value of the same step, layer and metric)."""
         self.scalars.setdefault((layer, metric), {})[int(step)] = float(value)
+
+    def add_scalars(self, step: int, values: Iterable[tuple[str, str, float]]) -> None:
+        """Record several ``(layer, metric, value)`` of one step, as :meth:`add_scalar` does each."""
+        step, scalars = int(step), self.scalars
+        for layer, metric, value in values:
+            scalars.setdefault((layer, metric), {})[step] = float(value)
 
     def add_histogram(self, step: int, layer: str, metric: str, histogram: Histogram) -> None:
         """Record one histogram (replacing any earlier one of the same step, layer and metric)."""
