@@ -85,7 +85,7 @@ class _Packer:
     def fetch(self) -> dict[str, np.ndarray]:
         if not self.parts:
             return {}
-        host = torch.cat(self.parts).to(self.dtype).cpu().numpy()  # the one device-to-host copy of the step
+        host = torch.cat(self.parts).to(self.dtype).cpu().numpy()  # the one device-to-host copy of a step
         return {key: host[where] for key, where in self.slices.items()}
 
 

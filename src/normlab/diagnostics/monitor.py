@@ -8,7 +8,7 @@ Protocol in a training loop::
             loss = F.cross_entropy(model(x), y)
             loss.backward()                   # tensor hooks on the recorded outputs catch their gradients
             optimizer.step()                  # step pre/post hooks snapshot the parameters around the update
-            monitor.end_step(loss)            # statistics of the whole step, one device-to-host copy
+            monitor.end_step(loss)            # keeps what the hooks captured; statistics follow in batches
         monitor.save(run_dir)
 
 Every hook (forward, tensor and optimizer hooks) exists only between ``begin_step`` and ``end_step`` of a

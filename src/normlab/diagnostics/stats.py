@@ -307,8 +307,10 @@ def host_segment_histograms(
         np.nan_to_num(position, copy=False, nan=0.0, posinf=0.0, neginf=0.0)  # Inf · 0
     # hi itself lands at position bins: each row has one spare bin, folded into the last one below
     position += segments.bin_offsets(bins + 1)
-    index = torch.from_numpy(position.astype(np.int64))  # torch's bincount is twice as fast as numpy's
-    table = torch.bincount(index, minlength=segments.count * (bins + 1)).numpy()
+    size = segments.count * (bins + 1)
+    # positions are >= 0, so the cast floors them; torch's cast and bincount are faster than numpy's
+    index = torch.from_numpy(position).to(torch.int32 if size < 2**31 else torch.int64)
+    table = torch.bincount(index, minlength=size).numpy()
     table = table.reshape(segments.count, bins + 1)
     counts = table[:, :bins].copy()
     counts[:, -1] += table[:, bins]
