@@ -9,6 +9,7 @@ tensors on a GPU with torch on the device, the results packed into one tensor an
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -117,6 +118,9 @@ def _ratio(numerator: float, denominator: float) -> float:
     return math.nan if numerator == 0 or math.isnan(numerator) else math.inf
 
 
+_Scalar = tuple[str, str, "torch.Tensor | float | None"]  # (layer, metric, value)
+
+
 @dataclass
 class _Raw:
     """The raw statistics of every segment of a step, on the host, before they are finished."""
@@ -146,7 +150,7 @@ def _pieces(capture: Capture, parameter_names: list[str], parameter_numels: list
     return pieces
 
 
-def _extras(capture: Capture, diagnostics: Diagnostics, saturation_threshold: float):
+def _extras(capture: Capture, diagnostics: Diagnostics, saturation_threshold: float) -> Iterator[_Scalar]:
     """``(layer, metric, value)`` of the step's other statistics; values are tensors, floats or None."""
     for key, tensor in capture.activations:
         info = diagnostics.modules[key]
@@ -162,7 +166,7 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray:
     return (tensor if tensor.dtype == torch.float32 else tensor.float()).numpy()
 
 
-def _on_host(pieces: list[_Piece], raw: _Raw, extras, bins: int, cache: dict) -> None:
+def _on_host(pieces: list[_Piece], raw: _Raw, extras: Iterator[_Scalar], bins: int, cache: dict) -> None:
     """Every statistic with numpy, for tensors in CPU memory."""
     for group in _groups(pieces):
         values = np.concatenate([_host_array(piece.tensor) for piece in group], dtype=np.float64)
@@ -183,7 +187,7 @@ def _on_host(pieces: list[_Piece], raw: _Raw, extras, bins: int, cache: dict) ->
             raw.scalars.append((layer, metric, float(value)))
 
 
-def _on_device(pieces: list[_Piece], raw: _Raw, extras, bins: int, cache: dict) -> None:
+def _on_device(pieces: list[_Piece], raw: _Raw, extras: Iterator[_Scalar], bins: int, cache: dict) -> None:
     """Every statistic with torch on the tensors' device, then one copy of all the results to the host."""
     device = pieces[0].tensor.device if pieces else torch.device("cpu")
     packer = _Packer(device, torch.float32 if device.type == "mps" else torch.float64)

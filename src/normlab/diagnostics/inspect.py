@@ -45,6 +45,7 @@ def inspect_model(
         loss = loss_fn(model(inputs), targets)
         loss.backward()
         monitor.end_step(loss)
+        diagnostics = monitor.diagnostics  # summarised here, before the model is restored below
     finally:
         monitor.close()
         with torch.no_grad():
@@ -52,7 +53,7 @@ def inspect_model(
                 buffer.copy_(saved)
         for parameter, grad in zip(parameters, grads, strict=True):
             parameter.grad = grad
-    return monitor.diagnostics
+    return diagnostics
 
 
 def _cell(value: float | None, spec: str) -> str:
