@@ -199,13 +199,15 @@ class Monitor:
 
     def _summarise_pending(self) -> None:
         pending, self._pending, self._pending_elements = self._pending, [], 0
+        names = [name for name, _ in self._parameters]
+        numels = [parameter.numel() for _, parameter in self._parameters]
         for step, capture in pending:
             summarise(
                 capture,
                 step,
                 self._diagnostics,
-                parameter_names=[name for name, _ in self._parameters],
-                parameter_numels=[parameter.numel() for _, parameter in self._parameters],
+                parameter_names=names,
+                parameter_numels=numels,
                 bins=self.bins,
                 saturation_threshold=self.saturation_threshold,
                 cache=self._segment_cache,

@@ -201,22 +201,6 @@ def _scatter_count(index: torch.Tensor, size: int) -> torch.Tensor:
     return torch.zeros(size, device=index.device).index_add_(0, index, ones)
 
 
-def summary(tensor: torch.Tensor) -> tuple[float, float, float, float]:
-    """Mean, std, norm and non-finite flag of one tensor, on the host; see :func:`moments_from_sums`.
-
-    A convenience for a single tensor (it copies to the host).
-    """
-    values, segments = concat([tensor])
-    return tuple(moments_from_sums(segment_sums(values, segments).cpu().numpy(), [tensor.numel()])[:, 0].tolist())
-
-
-def histogram(tensor: torch.Tensor, bins: int) -> tuple[np.ndarray, float, float]:
-    """Finished histogram of one tensor on the host: ``(counts, lo, hi)``; see :func:`segment_histograms`."""
-    values, segments = concat([tensor])
-    counts, ranges = finish_histograms(*(part.cpu().numpy() for part in segment_histograms(values, segments, bins)))
-    return counts[0], *ranges[0].tolist()
-
-
 @dataclass(frozen=True)
 class HostSegments:
     """The layout of several flattened tensors concatenated into one numpy vector (see :class:`Segments`).
