@@ -90,7 +90,27 @@ class _Packer:
         return {key: host[where] for key, where in self.slices.items()}
 
 
-def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
+_Scalar = tuple[str, str, "torch.Tensor | float | None"]  # (layer, metric, value)
+
+
+@dataclass
+class _Raw:
+    """The raw statistics of every segment of a step, on the host, before they are finished."""
+
+    labels: list[tuple[str, str]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    sums: list[np.ndarray] = field(default_factory=list)  # (2, S) per group
+    counts: list[np.ndarray] = field(default_factory=list)  # (H, bins) per group
+    ranges: list[np.ndarray] = field(default_factory=list)  # (H, 2) per group
+    scalars: list[tuple[str, str, float]] = field(default_factory=list)  # (layer, metric, value)
+
+
+def _groups(pieces: list[_Piece], raw: _Raw) -> Iterator[tuple[list[_Piece], list[int], int]]:
+    """Consecutive pieces in groups of at most :data:`CHUNK_ELEMENTS` elements (a larger piece alone).
+
+    Records each group's segment labels and lengths in ``raw`` and yields the group, its segment lengths and
+    how many of its segments get a histogram: all but the updates, which come last.
+    """
     groups: list[list[_Piece]] = []
     size = 0
     for piece in pieces:
@@ -99,7 +119,12 @@ def _groups(pieces: list[_Piece]) -> list[list[_Piece]]:
             size = 0
         groups[-1].append(piece)
         size += piece.tensor.numel()
-    return groups
+    for group in groups:
+        labels = [label for piece in group for label in piece.labels]
+        lengths = [n for piece in group for n in piece.numels]
+        raw.labels += labels
+        raw.lengths += lengths
+        yield group, lengths, sum(kind != UPDATE for _, kind in labels)
 
 
 def _layout(numels: list[int], device: torch.device | None, cache: dict) -> Segments | HostSegments:
@@ -116,21 +141,6 @@ def _ratio(numerator: float, denominator: float) -> float:
     if denominator != 0:
         return numerator / denominator
     return math.nan if numerator == 0 or math.isnan(numerator) else math.inf
-
-
-_Scalar = tuple[str, str, "torch.Tensor | float | None"]  # (layer, metric, value)
-
-
-@dataclass
-class _Raw:
-    """The raw statistics of every segment of a step, on the host, before they are finished."""
-
-    labels: list[tuple[str, str]] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    sums: list[np.ndarray] = field(default_factory=list)  # (2, S) per group
-    counts: list[np.ndarray] = field(default_factory=list)  # (H, bins) per group
-    ranges: list[np.ndarray] = field(default_factory=list)  # (H, 2) per group
-    scalars: list[tuple[str, str, float]] = field(default_factory=list)  # (layer, metric, value)
 
 
 def _pieces(capture: Capture, parameter_names: list[str], parameter_numels: list[int]) -> list[_Piece]:
@@ -168,20 +178,15 @@ def _host_array(tensor: torch.Tensor) -> np.ndarray:
 
 def _on_host(pieces: list[_Piece], raw: _Raw, extras: Iterator[_Scalar], bins: int, cache: dict) -> None:
     """Every statistic with numpy, for tensors in CPU memory."""
-    for group in _groups(pieces):
+    for group, lengths, with_histogram in _groups(pieces, raw):
         values = np.concatenate([_host_array(piece.tensor) for piece in group], dtype=np.float64)
-        labels = [label for piece in group for label in piece.labels]
-        lengths = [n for piece in group for n in piece.numels]
         segments = _layout(lengths, None, cache)
         raw.sums.append(host_segment_sums(values, segments))
-        with_histogram = sum(kind != UPDATE for _, kind in labels)  # updates come last
         if with_histogram:
             prefix = segments.prefix(with_histogram)
             counts, ranges = host_segment_histograms(values[: sum(prefix.lengths)], prefix, bins)
             raw.counts.append(counts)
             raw.ranges.append(ranges)
-        raw.labels += labels
-        raw.lengths += lengths
     for layer, metric, value in extras:
         if value is not None:
             raw.scalars.append((layer, metric, float(value)))
@@ -191,23 +196,18 @@ def _on_device(pieces: list[_Piece], raw: _Raw, extras: Iterator[_Scalar], bins:
     """Every statistic with torch on the tensors' device, then one copy of all the results to the host."""
     device = pieces[0].tensor.device if pieces else torch.device("cpu")
     packer = _Packer(device, torch.float32 if device.type == "mps" else torch.float64)
-    for number, group in enumerate(_groups(pieces)):
+    for number, (group, lengths, with_histogram) in enumerate(_groups(pieces, raw)):
         values = torch.cat(
             [piece.tensor if piece.tensor.device == device else piece.tensor.to(device) for piece in group]
         )
         values = values if values.dtype == torch.float32 else values.float()
-        labels = [label for piece in group for label in piece.labels]
-        lengths = [n for piece in group for n in piece.numels]
         segments = _layout(lengths, device, cache)
         packer.add(f"sums{number}", segment_sums(values, segments))
-        with_histogram = sum(kind != UPDATE for _, kind in labels)  # updates come last
         if with_histogram:
             prefix = segments.prefix(with_histogram)
             counts, ranges = segment_histograms(values[: prefix.ids.numel()], prefix, bins)
             packer.add(f"counts{number}", counts)
             packer.add(f"ranges{number}", ranges)
-        raw.labels += labels
-        raw.lengths += lengths
     later = []
     for number, (layer, metric, value) in enumerate(extras):
         if isinstance(value, torch.Tensor):
