@@ -31,7 +31,7 @@ from torch import nn
 from normlab.config import config_for_preset
 from normlab.diagnostics import Monitor
 from normlab.model import build_model
-from normlab.pipeline import load_data
+from normlab.runs.commands import load_data
 
 BATCH, LEARNING_RATE, DATA_BATCHES = 32, 0.1, 1000
 CONFIG = config_for_preset("lesson-batchnorm")

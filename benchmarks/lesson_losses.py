@@ -3,7 +3,7 @@
 Trains every lesson preset with its full recipe on a words file and prints the final train/val losses (full
 splits) next to the lesson's published figures, plus an independent plain-PyTorch implementation of the
 batchnorm recipe (the lesson's own code: raw tensors, manual SGD) run in the same benchmark. Ends with one JSON line.
-The presets train through normlab's sweep runner: the fast path where the model allows it (lockstep for the
+The presets train through normlab's sweep runner: the stacked engine where the model allows it (lockstep for the
 presets that share an architecture), the reference path for lesson-deep and wavenet, over two processes.
 
     python benchmarks/lesson_losses.py --data ../shared/anchors/names.txt            # the lesson's file
@@ -34,12 +34,12 @@ TOLERANCE = 0.015
 
 
 def run_presets(names: list[str], data: str | None, steps: int | None) -> list[dict]:
-    """Train the presets with normlab's sweep runner (the fast path where the model allows it, lockstep for
+    """Train the presets with normlab's sweep runner (the stacked engine where the model allows it, lockstep for
     presets of one architecture, two processes); full-split losses with running and calibrated statistics."""
     from normlab.config import config_for_preset
-    from normlab.pipeline import load_data
-    from normlab.sweep import SweepRun, run_sweep
-    from normlab.train import calibrate_batchnorm, evaluate
+    from normlab.runs.commands import load_data
+    from normlab.sweeps.runner import SweepRun, run_sweep
+    from normlab.training import calibrate_batchnorm, evaluate
 
     runs = []
     for name in names:

@@ -1,7 +1,7 @@
 """Speed benchmark: normlab against the plain PyTorch loop, side by side in one run.
 
 Sections (all by default):
-  single   the lesson-batchnorm recipe at batch 32: plain loop vs normlab's fast path (and the reference path);
+  single   the lesson-batchnorm recipe at batch 32: plain loop vs normlab's stacked engine (and the reference path);
            steps/s, examples/s, final val loss. Target: fast ≥ 3x plain steps/s, |Δ val| ≤ 0.01.
   stacked  M = 32 configurations in lockstep vs the plain loop one after another. Target: ≥ 10x throughput.
   target   the `fast` preset's wall time to val loss ≤ 2.10 vs the plain loop's full 200,000-step recipe (the
@@ -31,11 +31,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from plain_loop import plain_evaluate, plain_model, plain_train
 
 from normlab.config import config_for_preset
-from normlab.fast import train_stacked
-from normlab.model import build_model
-from normlab.pipeline import load_data
-from normlab.stacked import StackedMLP
-from normlab.train import evaluate, train
+from normlab.runs.commands import load_data
+from normlab.training import LoopEvents, create_engine, evaluate, train_loop
 
 TARGET_VAL = 2.10
 
@@ -48,7 +45,7 @@ def _splits(data: str | None, block_size: int = 3):
 
 def _normlab_fast(data: str | None, steps: int, batch: int = 32, count: int = 1, compile: bool | None = None,
                   n_layers: int = 1, device: str = "cpu") -> dict:
-    """Train `count` lesson-batchnorm models in lockstep on the fast path; wall time excludes compilation
+    """Train `count` lesson-batchnorm models in lockstep on the stacked engine; wall time excludes compilation
     (timed separately by a warm-up run of the same shapes)."""
     vocab, splits = _splits(data)
     settings = [f"steps={steps}", f"batch_size={batch}", f"eval_every={steps}", f"checkpoint_every={steps}",
@@ -56,19 +53,20 @@ def _normlab_fast(data: str | None, steps: int, batch: int = 32, count: int = 1,
     config = config_for_preset("lesson-batchnorm", settings)
     configs = [dataclasses.replace(config.train, seed=seed, compile=compile) for seed in range(count)]
     result = {}
+    configs = [dataclasses.replace(c, engine="stacked") for c in configs]
     if compile or (compile is None and steps >= 20_000):
         warm = [dataclasses.replace(c, steps=40, eval_every=40, checkpoint_every=40, compile=True) for c in configs]
         started = time.perf_counter()
-        train_stacked(StackedMLP.build([config.model] * count, len(vocab), range(count), device), splits.train,
-                      splits.val, warm, progress=False)
+        engine = create_engine([config.model] * count, warm, len(vocab), splits.train)
+        train_loop(engine, warm, splits.train, splits.val, progress=False)
         result["compile_s"] = time.perf_counter() - started
-    stacked = StackedMLP.build([config.model] * count, len(vocab), range(count), device)
+    engine = create_engine([config.model] * count, configs, len(vocab), splits.train)
     started = time.perf_counter()
-    train_stacked(stacked, splits.train, splits.val, configs, progress=False)
+    train_loop(engine, configs, splits.train, splits.val, progress=False)
     seconds = time.perf_counter() - started
     result.update(seconds=seconds, steps_per_s=steps / seconds, examples_per_s=steps * batch * count / seconds)
     if count == 1:
-        result["val"] = evaluate(stacked.to_models()[0], *splits.val)
+        result["val"] = evaluate(engine.modules()[0], *splits.val)
     return result
 
 
@@ -83,27 +81,27 @@ def _plain(data: str | None, steps: int, batch: int = 32, n_layers: int = 1, dev
 def _normlab_reference(data: str | None, steps: int) -> dict:
     vocab, splits = _splits(data)
     config = config_for_preset("lesson-batchnorm", [f"steps={steps}", f"eval_every={steps}",
-                                                     f"checkpoint_every={steps}"])
-    model = build_model(config.model, len(vocab))
+                                                     f"checkpoint_every={steps}", "engine=reference"])
+    engine = create_engine([config.model], [config.train], len(vocab), splits.train)
     started = time.perf_counter()
-    train(model, splits.train, splits.val, config.train, progress=False)
+    train_loop(engine, [config.train], splits.train, splits.val, progress=False)
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "steps_per_s": steps / seconds, "examples_per_s": steps * 32 / seconds}
 
 
 def section_single(args: argparse.Namespace) -> dict:
-    """Plain loop vs fast path on the full recipe; the reference path on a tenth of it."""
+    """Plain loop vs stacked engine on the full recipe; the reference path on a tenth of it."""
     plain = _plain(args.data, args.steps, device=args.device)
     fast = _normlab_fast(args.data, args.steps, device=args.device)
     reference = _normlab_reference(args.data, max(1000, args.steps // 10))
     ratio = fast["steps_per_s"] / plain["steps_per_s"]
     print(f"\n== single run: lesson-batchnorm, batch 32, {args.steps} steps, {torch.get_num_threads()} threads ==")
     print(f"{'':24}{'steps/s':>10}{'examples/s':>12}{'seconds':>9}{'val':>8}")
-    for name, row in (("plain PyTorch loop", plain), ("normlab fast path", fast), ("normlab reference", reference)):
+    for name, row in (("plain PyTorch loop", plain), ("normlab stacked", fast), ("normlab reference", reference)):
         print(f"{name:24}{row['steps_per_s']:10.0f}{row['examples_per_s']:12.0f}{row['seconds']:9.1f}"
               f"{row.get('val', float('nan')):8.4f}")
     if "compile_s" in fast:
-        print(f"(fast path compilation, excluded above: {fast['compile_s']:.1f} s)")
+        print(f"(stacked engine compilation, excluded above: {fast['compile_s']:.1f} s)")
     print(f"fast / plain steps/s: {ratio:.2f}x (target ≥ 3x); |Δ val| = {abs(fast['val'] - plain['val']):.4f} "
           "(target ≤ 0.01)")
     return {"plain": plain, "fast": fast, "reference": reference, "ratio": ratio,
@@ -114,7 +112,7 @@ def _sweep(data: str | None, steps: int, count: int, processes: int) -> dict:
     """`count` lesson-batchnorm runs (seeds 0..count-1) through the sweep runner: lockstep groups of
     count/processes models, one worker process per core, compiled steps. Wall time includes the workers' start
     and the final evaluation, after a warm-up sweep that fills the compilation cache."""
-    from normlab.sweep import SweepRun, run_sweep
+    from normlab.sweeps.runner import SweepRun, run_sweep
 
     vocab, splits = _splits(data)
     config = config_for_preset("lesson-batchnorm", [f"steps={steps}", f"eval_every={steps}",
@@ -167,26 +165,24 @@ def section_stacked(args: argparse.Namespace) -> dict:
 
 def section_target(args: argparse.Namespace, plain_seconds: float | None) -> dict:
     """Wall time of the `fast` preset to val ≤ 2.10 against the plain loop's 200,000-step recipe."""
-    from normlab.pipeline import load_data as load
-
     if plain_seconds is None:
         plain_seconds = _plain(args.data, 200_000, device=args.device)["seconds"]
     config = config_for_preset("fast", [f"device={args.device}"])
     config.data.path = args.data
-    vocab, splits = load(config)
+    vocab, splits = load_data(config)
     reached: dict = {}
     started = time.perf_counter()
-    stacked = StackedMLP.build([config.model], len(vocab), [config.train.seed], args.device)
+    engine = create_engine([config.model], [config.train], len(vocab), splits.train)
 
     def log(_: int, row: dict) -> None:
         if "step" in row and not reached:
-            val = evaluate(stacked.to_models()[0], *splits.val)  # the full val split, timed with the rest
+            val = engine.evaluate([splits.val])[0]  # the full val split, timed with the rest
             if val <= TARGET_VAL:
                 reached.update(step=row["step"], val=val, seconds=time.perf_counter() - started)
 
-    train_stacked(stacked, splits.train, splits.val, [config.train], log=log, progress=False)
+    train_loop(engine, [config.train], splits.train, splits.val, events=LoopEvents(log=log), progress=False)
     total = time.perf_counter() - started
-    final_val = evaluate(stacked.to_models()[0], *splits.val)
+    final_val = engine.evaluate([splits.val])[0]
     print(f"\n== time to val ≤ {TARGET_VAL}: the `fast` preset vs the plain loop's 200,000-step recipe ==")
     print(f"plain loop, 200,000 steps: {plain_seconds:.1f} s")
     if reached:
@@ -248,7 +244,7 @@ def section_scaling(args: argparse.Namespace) -> dict:
     context = multiprocessing.get_context("spawn")
     rows = []
     grid = [(b, 1) for b in (32, 128, 512, 2048, 4096)] + [(32, d) for d in (2, 4, 8)]
-    print("\n== scaling (normlab's fast path compiled, compilation excluded; peak memory above the data) ==")
+    print("\n== scaling (normlab's stacked engine compiled, compilation excluded; peak memory above the data) ==")
     print(f"{'batch':>6}{'depth':>6}{'plain steps/s':>15}{'normlab steps/s':>17}{'ratio':>7}"
           f"{'plain ex/s':>12}{'normlab ex/s':>14}{'plain MB':>10}{'normlab MB':>12}")
     for batch, depth in grid:

@@ -34,3 +34,20 @@ def words_file(tmp_path: Path) -> Path:
     path = tmp_path / "words.txt"
     path.write_text("\n".join(TINY_WORDS) + "\n", encoding="utf-8")
     return path
+
+
+def tiny_command(command: str, preset: str, out: Path, words: Path | str, *extra: str) -> int:
+    """Run `normlab COMMAND --preset PRESET --data WORDS --out OUT` with the tiny settings; its exit code."""
+    from normlab.cli import main
+
+    args = [command, "--preset", preset, "--data", str(words), "--out", str(out), "--quiet"]
+    for item in TINY_SETTINGS:
+        args += ["--set", item]
+    return main(args + list(extra))
+
+
+def user_error(capsys) -> str:
+    """The one line a user error printed (after checking there is no traceback)."""
+    err = capsys.readouterr().err
+    assert err.startswith("normlab: error: ") and "Traceback" not in err
+    return err

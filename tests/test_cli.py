@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import random
 import signal
@@ -14,22 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_SETTINGS
+from conftest import tiny_command, user_error
 from safetensors.torch import load_file
 
-from normlab.checkpoint import RunDir
 from normlab.cli import main
-
-
-def _tiny(command: str, preset: str, out: Path, words: Path | str, *extra: str) -> int:
-    args = [command, "--preset", preset, "--data", str(words), "--out", str(out), "--quiet"]
-    for item in TINY_SETTINGS:
-        args += ["--set", item]
-    return main(args + list(extra))
+from normlab.runs.rundir import RunDir
 
 
 def _train(out: Path, words_file: Path, *extra: str) -> int:
-    return _tiny("train", "lesson-batchnorm", out, words_file, *extra)
+    return tiny_command("train", "lesson-batchnorm", out, words_file, *extra)
 
 
 def _digest(folder: Path) -> dict[str, str]:
@@ -67,7 +59,8 @@ def test_the_same_command_gives_the_same_numbers(tmp_path, words_file, trained_r
 
 @pytest.mark.parametrize("optimizer", [[], ["--set", "optimizer=adamw", "--set", "lr=0.01"],
                                        ["--set", "momentum=0.9", "--set", "schedule=cosine"],
-                                       ["--set", "fast=false"], ["--set", "fast=false", "--set", "optimizer=adamw"]])
+                                       ["--set", "engine=reference"],
+                                       ["--set", "engine=reference", "--set", "optimizer=adamw"]])
 def test_resume_after_ctrl_c_ends_with_the_uninterrupted_parameters(tmp_path, words_file, monkeypatch, capsys,
                                                                      optimizer):
     uninterrupted = tmp_path / "uninterrupted"
@@ -110,12 +103,6 @@ def test_eval_and_calibrate_report_losses(trained_run, capsys):
     assert RunDir.open(trained_run).read_metrics()[-1]["event"] == "calibrate"
 
 
-def _error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert err.startswith("normlab: error: ") and "Traceback" not in err
-    return err
-
-
 @pytest.mark.parametrize("content, message", [
     ("", "is empty"),
     ("   \n\n", "no usable lines"),
@@ -124,7 +111,7 @@ def test_bad_words_files_are_refused_before_anything_is_written(tmp_path, capsys
     data = tmp_path / "bad.txt"
     data.write_text(content)
     assert _train(tmp_path / "run", data) == 2
-    assert message in _error(capsys)
+    assert message in user_error(capsys)
     assert not (tmp_path / "run").exists()
 
 
@@ -132,13 +119,13 @@ def test_characters_outside_the_vocabulary_are_listed(trained_run, tmp_path, cap
     other = tmp_path / "other.txt"
     other.write_text("anna\nzoë\nbob\nchloé\n", encoding="utf-8")
     assert main(["eval", str(trained_run), "--data", str(other)]) == 2
-    assert "'é' (word 4); 'ë' (word 2)" in _error(capsys)
+    assert "'é' (word 4); 'ë' (word 2)" in user_error(capsys)
 
 
 def test_an_existing_run_is_never_overwritten(trained_run, words_file, capsys):
     before = _digest(trained_run)
     assert _train(trained_run, words_file) == 2
-    assert "already exists" in _error(capsys)
+    assert "already exists" in user_error(capsys)
     assert _digest(trained_run) == before
 
 
@@ -153,7 +140,7 @@ def test_an_existing_run_is_never_overwritten(trained_run, words_file, capsys):
 def test_damaged_run_directories_give_one_clear_error(trained_run, capsys, damage, message):
     damage(trained_run)
     assert main(["sample", str(trained_run)]) == 2
-    assert message in _error(capsys)
+    assert message in user_error(capsys)
 
 
 def test_resume_refuses_a_changed_words_file(tmp_path, words_file, capsys, monkeypatch):
@@ -164,7 +151,7 @@ def test_resume_refuses_a_changed_words_file(tmp_path, words_file, capsys, monke
     (out / "config.json").write_text(json.dumps(config))
     words_file.write_text(words_file.read_text() + "newname\n")
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 2
-    assert "changed since" in _error(capsys)
+    assert "changed since" in user_error(capsys)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -178,13 +165,13 @@ def test_resume_refuses_a_changed_words_file(tmp_path, words_file, capsys, monke
 def test_bad_flags_give_one_clear_error(tmp_path, capsys, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
     assert main(args) == 2
-    assert message in _error(capsys)
+    assert message in user_error(capsys)
     assert not (tmp_path / "x").exists()
 
 
 def test_temperature_must_be_positive(trained_run, capsys):
     assert main(["sample", str(trained_run), "--temperature", "0"]) == 2
-    assert "temperature must be greater than 0" in _error(capsys)
+    assert "temperature must be greater than 0" in user_error(capsys)
 
 
 def test_the_console_script_prints_no_traceback_for_user_errors(tmp_path):
@@ -195,10 +182,10 @@ def test_the_console_script_prints_no_traceback_for_user_errors(tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
-@pytest.mark.parametrize("fast", ["true", "false"])
-def test_training_on_cuda_end_to_end(tmp_path, words_file, capsys, fast):
+@pytest.mark.parametrize("engine", ["stacked", "reference"])
+def test_training_on_cuda_end_to_end(tmp_path, words_file, capsys, engine):
     out = tmp_path / "cuda"
-    assert _train(out, words_file, "--device", "cuda", "--set", f"fast={fast}", "--calibrate") == 0
+    assert _train(out, words_file, "--device", "cuda", "--set", f"engine={engine}", "--calibrate") == 0
     assert main(["sample", str(out), "-n", "5"]) == 0
     assert main(["eval", str(out)]) == 0
     assert "val split: loss" in capsys.readouterr().out
@@ -207,7 +194,7 @@ def test_training_on_cuda_end_to_end(tmp_path, words_file, capsys, fast):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
 def test_cuda_without_a_gpu_is_one_clear_error(tmp_path, words_file, capsys):
     assert _train(tmp_path / "cuda", words_file, "--device", "cuda") == 2
-    assert "no CUDA GPU is available" in _error(capsys)
+    assert "no CUDA GPU is available" in user_error(capsys)
 
 
 def test_train_with_diagnose_writes_diagnostics_a_report_and_tensorboard(tmp_path, words_file, capsys):
@@ -221,7 +208,7 @@ def test_train_with_diagnose_writes_diagnostics_a_report_and_tensorboard(tmp_pat
 
 def test_report_without_diagnostics_cannot_export_tensorboard(trained_run, capsys):
     assert main(["report", str(trained_run), "--tensorboard"]) == 2
-    assert "train it with --diagnose" in _error(capsys)
+    assert "train it with --diagnose" in user_error(capsys)
 
 
 def test_inspect_prints_the_layer_table_and_the_findings(words_file, capsys):
@@ -229,55 +216,6 @@ def test_inspect_prints_the_layer_table_and_the_findings(words_file, capsys):
     out = capsys.readouterr().out
     assert "Tanh" in out and "Linear" in out and "initial loss" in out
     assert "confidently wrong" in out  # the naive output layer's initial loss is far above -log(1/27)
-
-
-def test_sweep_trains_every_combination_into_its_own_run_directory(tmp_path, words_file, capsys):
-    out = tmp_path / "grid"
-    assert _tiny("sweep", "lesson-batchnorm", out, words_file, "--vary", "lr=0.05,0.2", "--vary", "seed=1,2",
-                 "--diagnose", "--every", "40") == 0
-    names = sorted(path.name for path in out.iterdir())
-    assert names == ["lr-0.05_seed-1", "lr-0.05_seed-2", "lr-0.2_seed-1", "lr-0.2_seed-2"]
-    assert "4 run directories" in capsys.readouterr().out
-    for name in names:
-        run = RunDir.open(out / name)
-        final = run.read_metrics()[-1]
-        assert final["event"] == "final"
-        assert (out / name / "report.html").is_file()
-        capsys.readouterr()
-        assert main(["eval", str(out / name), "--split", "val"]) == 0  # the reference path's evaluation
-        assert f"loss {final['val']:.4f}" in capsys.readouterr().out
-        assert main(["sample", str(out / name), "-n", "3"]) == 0
-    # one grid run against the same configuration trained alone
-    alone = tmp_path / "alone"
-    assert _train(alone, words_file, "--set", "lr=0.2", "--set", "seed=2") == 0
-    grid_model, alone_model = load_file(out / "lr-0.2_seed-2" / "model.safetensors"), load_file(
-        alone / "model.safetensors")
-    for key in alone_model:
-        torch.testing.assert_close(grid_model[key], alone_model[key], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("vary, message", [
-    ("lr", "expected key=value1,value2"),
-    ("lr=0.1,", "expected key=value1,value2"),
-    ("data.split_seed=1,2", "share their data"),
-    ("n_hiden=3,4", "unknown key 'n_hiden'"),
-    ("lr=0.1,0.2,0.1", "lists 0.1 more than once"),
-])
-def test_bad_sweep_variations_give_one_clear_error(tmp_path, capsys, vary, message):
-    assert main(["sweep", "--vary", vary, "--out", str(tmp_path / "grid")]) == 2
-    assert message in _error(capsys)
-
-
-def test_a_diverged_grid_run_is_reported_and_keeps_no_weights(tmp_path, words_file, capsys):
-    out = tmp_path / "grid"
-    assert _tiny("sweep", "lesson-kaiming", out, words_file, "--vary", "lr=0.1,1e30") == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[1].startswith("lr-0.1 ") and "diverged at step" in lines[2] and lines[2].startswith("lr-1e30 ")
-    metrics = RunDir.open(out / "lr-1e30").read_metrics()
-    assert metrics[-2]["event"] == "diverged" and math.isnan(metrics[-1]["val"])
-    assert not (out / "lr-1e30" / "model.safetensors").exists()
-    assert main(["sample", str(out / "lr-1e30")]) == 2
-    assert "diverged, before its first checkpoint" in _error(capsys)
 
 
 def test_split_seed_chooses_another_lesson_style_split(tmp_path, words_file, capsys):
@@ -295,17 +233,4 @@ def test_split_seed_chooses_another_lesson_style_split(tmp_path, words_file, cap
     assert main(["eval", str(out), "--data", str(val_file)]) == 0
     assert capsys.readouterr().out.split("loss")[1].split()[0] == split_loss
     assert main(["train", "--resume", "--out", str(out), "--split-seed", "8"]) == 2
-    assert "drop --preset, --set, --data and --split-seed" in _error(capsys)
-
-
-def test_sweep_records_the_words_file_by_its_full_path(tmp_path, words_file, monkeypatch, capsys):
-    monkeypatch.chdir(words_file.parent)
-    assert _tiny("sweep", "lesson-kaiming", tmp_path / "grid", words_file.name, "--vary", "seed=1,2") == 0
-    recorded = json.loads((tmp_path / "grid" / "seed-1" / "config.json").read_text())["data"]["path"]
-    assert recorded == str(words_file.resolve())
-
-
-def test_sweep_with_a_missing_words_file_is_one_clear_error(tmp_path, capsys):
-    out = tmp_path / "grid"
-    assert main(["sweep", "--data", str(tmp_path / "nope.txt"), "--vary", "seed=1,2", "--out", str(out)]) == 2
-    assert "does not exist" in _error(capsys) and not out.exists()
+    assert "drop --preset, --set, --data and --split-seed" in user_error(capsys)

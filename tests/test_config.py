@@ -47,3 +47,30 @@ def test_json_round_trip_and_unknown_keys():
 def test_apply_override_needs_key_equals_value():
     with pytest.raises(ConfigError, match="expected key=value"):
         apply_override(RunConfig(), "n_hidden")
+
+
+def test_run_config_defaults_are_the_lesson_original_preset():
+    config = RunConfig()
+    assert config.preset == "lesson-original" and config == config_for_preset("lesson-original")
+
+
+def test_presets_train_parts_are_typed_and_complete():
+    from normlab.config import PRESETS, TrainConfig
+
+    for name, preset in PRESETS.items():
+        assert isinstance(preset.train, TrainConfig), name
+        preset.train.validate()
+
+
+def test_run_directories_written_with_train_fast_still_load():
+    raw = RunConfig().to_dict()
+    del raw["train"]["engine"]
+    raw["train"]["fast"] = False
+    assert RunConfig.from_dict(raw).train.engine == "reference"
+    raw["train"]["fast"] = True
+    assert RunConfig.from_dict(raw).train.engine == "auto"
+
+
+def test_engine_is_validated():
+    with pytest.raises(ConfigError, match="train.engine='turbo' is not one of auto, reference, stacked"):
+        config_for_preset("lesson-batchnorm", ["engine=turbo"])

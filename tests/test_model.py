@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab.config import PRESETS, ModelConfig, get_preset
 from normlab.errors import ConfigError
-from normlab.model import PRESETS, ModelConfig, build_model, get_preset
+from normlab.model import build_model, state_shapes
 
 VOCAB = 27
 
@@ -109,3 +110,24 @@ def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="unknown preset 'nope'.*lesson-batchnorm"):
         get_preset("nope")
     assert "lesson-original" in PRESETS and "wavenet" in PRESETS
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_state_shapes_list_the_state_dict_without_allocating(preset):
+    config = get_preset(preset).model
+    expected = {key: (tuple(v.shape), v.dtype) for key, v in build_model(config, VOCAB).state_dict().items()}
+    assert state_shapes(config, VOCAB) == expected
+    huge = state_shapes(ModelConfig(n_hidden=10**9, n_layers=3), VOCAB)  # 10^18 weights: only shapes are made
+    assert huge["layers.4.weight"][0] == (10**9, 10**9)
+
+
+def test_build_model_draws_only_from_its_generator():
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    build_model(get_preset("lesson-deep").model, VOCAB, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)
+    generator = torch.Generator().manual_seed(3)
+    same = build_model(get_preset("lesson-deep").model, VOCAB, generator=generator)
+    for (name, a), b in zip(build_model(get_preset("lesson-deep").model, VOCAB, seed=3).state_dict().items(),
+                            same.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
+from normlab.config import get_preset
 from normlab.data import Vocab
 from normlab.errors import ConfigError
-from normlab.model import build_model, get_preset
+from normlab.model import build_model
 from normlab.sample import Samples, diversity, next_token_distribution, sample_words
 
 

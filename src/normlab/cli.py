@@ -16,7 +16,16 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-SPLIT_SEED_HELP = "seed of the 80/10/10 split of the words (default 42: the lesson's split)"
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """The arguments every command that builds a configuration shares: --set, --data, --split-seed."""
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help=f"override a config value{what}, e.g. --set n_hidden=300 --set train.lr=0.05 "
+                             "(repeatable; `normlab presets -v` lists the keys)")
+    parser.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    parser.add_argument("--split-seed", type=int,
+                        help="seed of the 80/10/10 split of the words (default 42: the lesson's split)")
 
 
 def _config(preset: str, args: argparse.Namespace) -> RunConfig:
@@ -31,22 +40,22 @@ def _config(preset: str, args: argparse.Namespace) -> RunConfig:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from normlab import pipeline
-    from normlab.train import Interrupted
+    from normlab.runs import commands
+    from normlab.training import Interrupted
 
     if args.resume and (args.preset or args.set or args.data or args.split_seed is not None):
         raise NormlabError("--resume continues a run with its saved config: drop --preset, --set, --data and "
                            "--split-seed")
+    options = dict(diagnose=args.diagnose, every=args.every, calibrate=args.calibrate, progress=not args.quiet,
+                   threads=args.threads)
     try:
         if args.resume:
-            outcome = pipeline.resume_training(args.out, diagnose=args.diagnose, every=args.every,
-                                               calibrate=args.calibrate, progress=not args.quiet)
+            outcome = commands.resume_training(args.out, **options)
         else:
             config = _config(args.preset or "lesson-batchnorm", args)
             if args.device:
                 config.train.device = args.device
-            outcome = pipeline.start_training(config, args.out, diagnose=args.diagnose, every=args.every,
-                                              calibrate=args.calibrate, progress=not args.quiet)
+            outcome = commands.start_training(config, args.out, **options)
     except Interrupted as stop:
         print(f"interrupted: checkpoint saved at step {stop.step} in {args.out}; continue with "
               f"`normlab train --resume --out {args.out}`", file=sys.stderr)
@@ -64,7 +73,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from normlab.grid import parse_variations, train_grid
+    from normlab.sweeps.grid import parse_variations, train_grid
 
     config = _config(args.preset, args)
     runs = train_grid(config, parse_variations(args.vary), args.out, diagnose=args.diagnose, every=args.every,
@@ -80,7 +89,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from normlab.pipeline import sample_run
+    from normlab.runs.commands import sample_run
 
     samples, stats = sample_run(args.run, args.n, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
     print("\n".join(samples.words))
@@ -90,7 +99,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from normlab.pipeline import evaluate_run
+    from normlab.runs.commands import evaluate_run
 
     loss, count = evaluate_run(args.run, args.split, data=args.data)
     where = args.data if args.data else f"{args.split} split"
@@ -99,7 +108,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _calibrate(args: argparse.Namespace) -> int:
-    from normlab.pipeline import calibrate_run
+    from normlab.runs.commands import calibrate_run
 
     result = calibrate_run(args.run)
     print(f"calibrated {result['layers']} BatchNorm layer(s) on the training split: val loss "
@@ -110,8 +119,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 def _presets(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from normlab.config import config_for_preset
-    from normlab.model import PRESETS
+    from normlab.config import PRESETS, config_for_preset
 
     for name, preset in PRESETS.items():
         print(f"{name}: {preset.description}")
@@ -123,7 +131,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from normlab.pipeline import write_report
+    from normlab.runs.commands import write_report
 
     print(f"report: {write_report(args.run, tensorboard=args.tensorboard)}")
     if args.tensorboard:
@@ -132,11 +140,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from normlab.config import config_for_preset
-    from normlab.pipeline import inspect_preset
+    from normlab.runs.commands import inspect_preset
 
-    config = config_for_preset(args.preset, args.set or [])
-    config.data.path = args.data
+    config = _config(args.preset, args)
     result = inspect_preset(config, batch_size=args.batch)
     print(result.table)
     print(f"\ninitial loss {result.initial_loss:.4f} (a uniform guess over the vocabulary: {result.uniform_loss:.4f})")
@@ -156,26 +162,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = commands.add_parser("train", help="train a preset on a words file into a run directory")
     train.add_argument("--preset", help="a preset from `normlab presets` (default lesson-batchnorm)")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="override a config value, e.g. --set n_hidden=300 --set train.lr=0.05 (repeatable)")
-    train.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
-    train.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
+    _add_config_arguments(train, "")
     train.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--calibrate", action="store_true", help="recompute BatchNorm statistics at the end")
     train.add_argument("--diagnose", action="store_true", help="record diagnostics and write report.html")
     train.add_argument("--every", type=int, default=100, help="steps between diagnostic recordings")
     train.add_argument("--device", help="cpu or cuda (overrides train.device)")
+    train.add_argument("--threads", type=int, help="torch threads (default: 1 for lesson-sized models, else torch's)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
     sweep = commands.add_parser("sweep", help="train a grid of configurations at once, a run directory each")
     sweep.add_argument("--preset", default="lesson-batchnorm")
-    sweep.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value for all runs")
+    _add_config_arguments(sweep, " for all runs")
     sweep.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
                        help="values to try, e.g. --vary lr=0.05,0.1 --vary seed=1,2,3 (every combination)")
-    sweep.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
-    sweep.add_argument("--split-seed", type=int, help=SPLIT_SEED_HELP)
     sweep.add_argument("--out", required=True, help="folder to create, one run directory per configuration")
     sweep.add_argument("--diagnose", action="store_true", help="record diagnostics and write each run's report")
     sweep.add_argument("--every", type=int, help="steps between diagnostic recordings (default: ten a run)")
@@ -211,8 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     inspect = commands.add_parser("inspect", help="one forward and backward pass of a preset at initialisation")
     inspect.add_argument("--preset", default="lesson-batchnorm")
-    inspect.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
-    inspect.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
+    _add_config_arguments(inspect, "")
     inspect.add_argument("--batch", type=int, default=256, help="examples in the batch")
     inspect.set_defaults(handler=_inspect)
 

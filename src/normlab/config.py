@@ -1,17 +1,138 @@
-"""A run's whole configuration (model, training, data) as dataclasses, `--set key=value` overrides, and JSON."""
+"""Every configuration of a run, in one place: the model, training and data dataclasses, the presets, `--set`.
+
+A run is a `RunConfig` (model + train + data), saved as `config.json` in its run directory. Each dataclass holds
+its defaults next to its fields (the lesson's values), validates itself, and is overridable from the command line
+with `--set key=value` (`apply_override`). A preset is a named, typed `RunConfig` starting point.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
 from normlab.errors import ConfigError
-from normlab.model import DEFAULT_PRESET, ModelConfig, get_preset
-from normlab.train import TrainConfig
+from normlab.nn.init import INIT_SCHEMES
+
+ARCHITECTURES = ("mlp", "wavenet")
+NORMS = ("none", "batch", "layer", "group", "rms")
+ACTIVATIONS = ("tanh", "relu")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("step", "cosine", "constant")
+ENGINES = ("auto", "reference", "stacked")
+
+
+def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _check_at_least_one(section: str, config: Any, names: tuple[str, ...]) -> None:
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{section}.{name} must be at least 1, got {getattr(config, name)}")
+
+
+@dataclass
+class ModelConfig:
+    """Every knob of the model, with the lesson's values as defaults (the `lesson-original` model)."""
+
+    architecture: str = "mlp"  # mlp | wavenet
+    block_size: int = 3  # characters of context
+    n_embd: int = 10  # embedding size per character
+    n_hidden: int = 200  # width of each hidden layer
+    n_layers: int = 1  # hidden blocks; for wavenet the FlattenConsecutive(2) stages, block_size == 2**n_layers
+    norm: str = "none"  # none | batch | layer | group | rms, after each hidden Linear
+    norm_groups: int = 8  # groups of GroupNorm
+    bn_momentum: float = 0.1  # momentum of the BatchNorm running statistics
+    activation: str = "tanh"  # tanh | relu
+    init: str = "naive"  # hidden weights: one of normlab.nn.init.INIT_SCHEMES (see normlab.nn.Linear)
+    weight_scale: float = 1.0  # multiplies the hidden weights after init
+    hidden_bias: bool | None = None  # None: a bias unless a norm follows (the norm's shift makes it redundant)
+    bias_scale: float = 1.0  # hidden biases are N(0,1)·bias_scale (torch init: its uniform·bias_scale)
+    output_init: str = "naive"  # output weights, same choices as init
+    output_weight_scale: float = 1.0
+    output_bias: bool = True
+    output_bias_scale: float = 1.0
+    output_norm: bool = False  # a BatchNorm1d after the output Linear (the lesson's deep net)
+    output_norm_gain: float = 1.0  # initial weight of that output norm
+    residual: bool = False  # x + block(x) around hidden blocks of equal width (mlp only)
+
+    @property
+    def has_hidden_bias(self) -> bool:
+        """Whether the hidden Linear layers have a bias: `hidden_bias`, or when None, only without a norm."""
+        return self.norm == "none" if self.hidden_bias is None else self.hidden_bias
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first inconsistent value and its fix."""
+        for name, choices in (("architecture", ARCHITECTURES), ("norm", NORMS), ("activation", ACTIVATIONS),
+                              ("init", INIT_SCHEMES), ("output_init", INIT_SCHEMES)):
+            _check_choice("model", name, getattr(self, name), choices)
+        _check_at_least_one("model", self, ("block_size", "n_embd", "n_hidden", "n_layers"))
+        if self.architecture == "wavenet" and self.block_size != 2 ** self.n_layers:
+            raise ConfigError(f"wavenet merges pairs of positions n_layers={self.n_layers} times, so block_size "
+                              f"must be 2**n_layers={2 ** self.n_layers}, got {self.block_size}: set both")
+        if self.norm == "group" and self.n_hidden % self.norm_groups:
+            raise ConfigError(f"GroupNorm needs n_hidden ({self.n_hidden}) divisible by norm_groups "
+                              f"({self.norm_groups}): change one of them")
+        if self.residual and self.architecture != "mlp":
+            raise ConfigError("residual connections need hidden blocks of equal width: use architecture=mlp")
+        if not 0.0 <= self.bn_momentum <= 1.0:
+            raise ConfigError(f"model.bn_momentum must be in [0, 1], got {self.bn_momentum}")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of training, with the lesson's recipe as defaults."""
+
+    steps: int = 200_000
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd | adamw
+    lr: float = 0.1
+    schedule: str = "step"  # step: lr until lr_decay_step, then lr·lr_decay_factor | cosine | constant
+    lr_decay_step: int | None = None  # None: half of steps
+    lr_decay_factor: float = 0.1
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr
+    min_lr_factor: float = 0.0  # cosine decays to lr·min_lr_factor
+    momentum: float = 0.0  # SGD momentum
+    weight_decay: float = 0.0
+    beta1: float = 0.9  # AdamW
+    beta2: float = 0.999
+    grad_clip: float | None = None  # max global gradient norm
+    seed: int = 2147483647  # initial weights and batches (the lesson's generator seed)
+    eval_every: int = 10_000  # steps between train/val losses on fixed subsets
+    eval_examples: int = 10_000  # size of those subsets
+    checkpoint_every: int = 50_000
+    device: str = "cpu"
+    engine: str = "auto"  # auto | reference | stacked: how steps are computed (see normlab.training.engines)
+    compile: bool | None = None  # torch.compile the stacked engine's steps; None: when the run is long enough
+
+    def validate(self) -> None:
+        """Raise `ConfigError` naming the first bad value and its fix."""
+        _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("train", "schedule", self.schedule, SCHEDULES)
+        _check_choice("train", "engine", self.engine, ENGINES)
+        _check_at_least_one("train", self, ("steps", "batch_size", "eval_every", "eval_examples", "checkpoint_every"))
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be positive (or null for none), got {self.grad_clip}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ConfigError(f"train.device={self.device!r} but no CUDA GPU is available: use --device cpu")
+
+    @property
+    def decay_step(self) -> int:
+        """The step at which the step schedule lowers the learning rate."""
+        return self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step
 
 
 @dataclass
@@ -25,9 +146,13 @@ class DataConfig:
 
 @dataclass
 class RunConfig:
-    """Everything that defines a run; saved as `config.json` in the run directory."""
+    """Everything that defines a run; saved as `config.json` in the run directory.
 
-    preset: str = DEFAULT_PRESET
+    `RunConfig()` is the lesson's starting point, the `lesson-original` preset; `config_for_preset(name)` gives
+    any other.
+    """
+
+    preset: str = "lesson-original"
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -42,17 +167,24 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: Any) -> RunConfig:
-        """Inverse of `to_dict`, checking every key and type; `ConfigError` names the first bad one."""
+        """Inverse of `to_dict`, checking every key and type; `ConfigError` names the first bad one.
+
+        Run directories written before `train.engine` replaced `train.fast` load too: fast=false becomes
+        engine=reference, fast=true engine=auto.
+        """
         if not isinstance(raw, dict):
             raise ConfigError("config.json must hold a JSON object")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"config.json has unknown key(s) {sorted(unknown)}")
-        config = cls(preset=str(raw.get("preset", DEFAULT_PRESET)))
+        config = cls(preset=str(raw.get("preset", "lesson-original")))
         for section in ("model", "train", "data"):
             values = raw.get(section, {})
             if not isinstance(values, dict):
                 raise ConfigError(f"config.json: {section!r} must be a JSON object")
+            if section == "train" and "fast" in values and "engine" not in values:
+                values = {**values, "engine": "auto" if values["fast"] else "reference"}
+                del values["fast"]
             for key, value in values.items():
                 _assign(getattr(config, section), section, key, value)
         config.validate()
@@ -73,18 +205,73 @@ class RunConfig:
         self.train.validate()
 
 
+# ------------------------------------------------------------------------------------------------------ presets
+@dataclass(frozen=True)
+class Preset:
+    """A named configuration: what it is, its model and its training settings."""
+
+    description: str
+    model: ModelConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SOFTMAX_FIX = dict(output_weight_scale=0.01, output_bias_scale=0.0)
+_KAIMING = dict(init="kaiming", bias_scale=0.01, **_SOFTMAX_FIX)
+
+PRESETS: dict[str, Preset] = {
+    "lesson-original": Preset(
+        "the lesson's starting point: unscaled N(0,1) init everywhere (confidently wrong, saturated tanh)",
+        ModelConfig()),
+    "lesson-softmax-fix": Preset(
+        "output layer weights ×0.01 and bias 0, so the initial loss is -log(1/27)",
+        ModelConfig(**_SOFTMAX_FIX)),
+    "lesson-tanh-fix": Preset(
+        "also hidden weights ×0.2 and bias ×0.01, so the tanh layer is not saturated at init",
+        ModelConfig(weight_scale=0.2, bias_scale=0.01, **_SOFTMAX_FIX)),
+    "lesson-kaiming": Preset(
+        "hidden weights N(0,1)·(5/3)/√fan_in (Kaiming init for tanh) instead of the hand-tuned 0.2",
+        ModelConfig(**_KAIMING)),
+    "lesson-batchnorm": Preset(
+        "BatchNorm1d after a bias-free hidden Linear, running statistics with momentum 0.001",
+        ModelConfig(norm="batch", bn_momentum=0.001, **_KAIMING)),
+    "lesson-deep": Preset(
+        "six layers: [Linear(100, no bias) → BatchNorm1d → Tanh] × 5, then Linear → BatchNorm1d with gain 0.1; "
+        "every Linear N(0,1)·(5/3)/√fan_in",
+        ModelConfig(n_hidden=100, n_layers=5, norm="batch", init="kaiming", output_init="kaiming",
+                    output_bias=False, output_norm=True, output_norm_gain=0.1)),
+    "wavenet": Preset(
+        "block_size 8, three FlattenConsecutive(2) → Linear → BatchNorm1d → Tanh stages (the lesson's WaveNet)",
+        ModelConfig(architecture="wavenet", block_size=8, n_embd=24, n_hidden=128, n_layers=3, norm="batch",
+                    init="fan_in", output_init="fan_in", output_weight_scale=0.1, output_bias_scale=0.0),
+        TrainConfig(lr_decay_step=150_000)),
+    "fast": Preset(
+        "the lesson's val loss in seconds: wider context and layer, BatchNorm, batch 256, AdamW with cosine decay",
+        ModelConfig(block_size=5, n_embd=24, n_hidden=400, norm="batch", init="kaiming", output_weight_scale=0.1,
+                    output_bias_scale=0.0),
+        TrainConfig(steps=2500, batch_size=256, optimizer="adamw", lr=0.006, schedule="cosine", warmup_steps=100,
+                    eval_every=250, checkpoint_every=2500, compile=False)),
+}
+DEFAULT_PRESET = "lesson-batchnorm"
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; `ConfigError` listing the valid names otherwise."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)} (see `normlab presets`)")
+    return PRESETS[name]
+
+
 def config_for_preset(name: str, overrides: list[str] = ()) -> RunConfig:
     """The preset's configuration with `key=value` overrides applied (see `apply_override`)."""
     preset = get_preset(name)
-    config = RunConfig(preset=name, model=dataclasses.replace(preset.model))
-    for key, value in preset.train.items():
-        setattr(config.train, key, value)
+    config = RunConfig(preset=name, model=dataclasses.replace(preset.model), train=dataclasses.replace(preset.train))
     for item in overrides:
         apply_override(config, item)
     config.validate()
     return config
 
 
+# ------------------------------------------------------------------------------------------------------ --set
 def _sections(config: RunConfig) -> dict[str, Any]:
     return {"model": config.model, "train": config.train, "data": config.data}
 
@@ -108,11 +295,16 @@ def apply_override(config: RunConfig, item: str) -> None:
         name = key
         owners = [s for s, obj in sections.items() if name in _field_types(obj)]
     if not owners:
-        known = sorted(f"{s}.{n}" for s, obj in sections.items() for n in _field_types(obj))
-        raise ConfigError(f"--set {item!r}: unknown key {key!r}; valid keys: {', '.join(known)}")
+        raise ConfigError(f"--set {item!r}: unknown key {key!r}; valid keys: {', '.join(config_keys(config))}")
     if len(owners) > 1:
         raise ConfigError(f"--set {item!r}: {name!r} is ambiguous; write {' or '.join(o + '.' + name for o in owners)}")
     _assign(sections[owners[0]], owners[0], name, _parse_text(value))
+
+
+def config_keys(config: RunConfig | None = None) -> list[str]:
+    """Every `section.key` that `--set` accepts, sorted."""
+    sections = _sections(config or RunConfig())
+    return sorted(f"{s}.{n}" for s, obj in sections.items() for n in _field_types(obj))
 
 
 def _field_types(obj: Any) -> dict[str, Any]:

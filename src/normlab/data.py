@@ -157,6 +157,25 @@ def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str],
     return shuffled[:n1], shuffled[n1:n2], shuffled[n2:]
 
 
+def random_subset(xy: tuple[torch.Tensor, torch.Tensor], limit: int | None, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """At most `limit` examples of (X, Y) drawn without replacement by `generator` (all of them, in order and
+    without a draw, when there are no more than `limit` or `limit` is None): the same subset for the same
+    generator state, e.g. to evaluate on the same examples at every step."""
+    x, y = xy
+    if limit is None or len(x) <= limit:
+        return x, y
+    keep = torch.randperm(len(x), generator=generator)[:limit]
+    return x[keep], y[keep]
+
+
+def random_batch(xy: tuple[torch.Tensor, torch.Tensor], size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`size` examples of (X, Y) drawn with replacement from a generator seeded with `seed`."""
+    x, y = xy
+    index = torch.randint(0, len(x), (size,), generator=torch.Generator().manual_seed(seed))
+    return x[index], y[index]
+
+
 @dataclass
 class Splits:
     """The three splits as tensors, plus the words of the training split (for novelty of samples)."""

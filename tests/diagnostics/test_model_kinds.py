@@ -128,7 +128,8 @@ def test_sigmoid_saturation_and_relu_dead_units_are_recorded(activation):
 
 @pytest.mark.parametrize("preset", ["lesson-batchnorm", "lesson-deep", "wavenet"])
 def test_normlab_presets(preset):
-    from normlab.model import build_model, get_preset
+    from normlab.config import get_preset
+    from normlab.model import build_model
 
     config = get_preset(preset).model
     model = build_model(config, VOCAB)

@@ -48,30 +48,34 @@ def test_linear_default_init_is_torchs_bit_for_bit_under_the_same_seed(in_featur
         assert torch.equal(actual.state_dict()[key], value), key
 
 
-def _reference_linear(init: str, generator: torch.Generator, nonlinearity: str = "tanh") -> torch.nn.Linear:
+def _reference_linear(init: str, generator: torch.Generator, nonlinearity: str = "tanh", bias_init: str | None = None
+                      ) -> torch.nn.Linear:
     """torch.nn.Linear re-drawn with torch.nn.init as the normlab option documents, weight first."""
     layer = torch.nn.Linear(6, 4)
     weight, bias = layer.weight, layer.bias
     gain = torch.nn.init.calculate_gain(nonlinearity)
     with torch.no_grad():
-        if init in ("torch", "zeros-bias"):
+        if init == "torch":
             torch.nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
         elif init == "kaiming":
             torch.nn.init.kaiming_normal_(weight, nonlinearity=nonlinearity, generator=generator)
+        elif init == "fan_in":
+            weight.normal_(0.0, 1 / math.sqrt(6), generator=generator)
         elif init == "xavier":
             torch.nn.init.xavier_normal_(weight, gain=gain, generator=generator)
         else:
             weight.normal_(generator=generator)
-        if init == "torch":
+        bias_init = bias_init or {"torch": "uniform", "naive": "normal"}.get(init, "zeros")
+        if bias_init == "uniform":
             torch.nn.init.uniform_(bias, -1 / math.sqrt(6), 1 / math.sqrt(6), generator=generator)
-        elif init == "naive":
+        elif bias_init == "normal":
             bias.normal_(generator=generator)
         else:
             bias.zero_()
     return layer
 
 
-@pytest.mark.parametrize("init", nnl.LINEAR_INITS)
+@pytest.mark.parametrize("init", nnl.init.INIT_SCHEMES)
 @pytest.mark.parametrize("nonlinearity", ["tanh", "relu"])
 def test_linear_init_options_equal_their_torch_recipes(init, nonlinearity):
     expected = _reference_linear(init, torch.Generator().manual_seed(5), nonlinearity)
@@ -79,6 +83,24 @@ def test_linear_init_options_equal_their_torch_recipes(init, nonlinearity):
     actual = nnl.Linear(6, 4, init=init, nonlinearity=nonlinearity, generator=generator)
     for key, value in expected.state_dict().items():
         assert torch.equal(actual.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("bias_init", ["uniform", "normal", "zeros"])
+def test_linear_bias_init_overrides_the_schemes_bias(bias_init):
+    expected = _reference_linear("kaiming", torch.Generator().manual_seed(5), bias_init=bias_init)
+    actual = nnl.Linear(6, 4, init="kaiming", bias_init=bias_init, generator=torch.Generator().manual_seed(5))
+    for key, value in expected.state_dict().items():
+        assert torch.equal(actual.state_dict()[key], value), key
+
+
+def test_linear_scales_multiply_the_draws_and_a_zero_bias_scale_gives_positive_zeros():
+    plain = nnl.Linear(6, 4, init="naive", generator=torch.Generator().manual_seed(2))
+    scaled = nnl.Linear(6, 4, init="naive", weight_scale=0.2, bias_scale=0.0,
+                        generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(scaled.weight, plain.weight * 0.2)
+    assert torch.equal(scaled.bias, torch.zeros(4)) and not torch.signbit(scaled.bias).any()
+    assert repr(scaled) == ("Linear(in_features=6, out_features=4, bias=True, init='naive', weight_scale=0.2, "
+                            "bias_scale=0.0)")
 
 
 def test_linear_kaiming_init_has_the_closed_form_spread():
@@ -95,7 +117,7 @@ def test_linear_reset_parameters_redraws_from_the_given_generator():
 
 
 def test_linear_rejects_unknown_init_listing_the_valid_ones():
-    with pytest.raises(ValueError, match="'he'.*torch, zeros-bias, kaiming, xavier, naive"):
+    with pytest.raises(ValueError, match="'he'.*torch, naive, fan_in, kaiming, xavier"):
         nnl.Linear(3, 2, init="he")
 
 

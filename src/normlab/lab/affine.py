@@ -19,11 +19,20 @@ from typing import Any
 
 import torch
 
-from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number, train_config
-from normlab.lab.depth import training_batch
-from normlab.model import LanguageModel, get_preset
-from normlab.sweep import SweepRun, run_sweep
-from normlab.train import batchnorm_layers, calibrate_batchnorm, evaluate
+from normlab.config import get_preset
+from normlab.lab.common import (
+    Check,
+    Experiment,
+    LabData,
+    Verdict,
+    markdown_table,
+    number,
+    train_config,
+    training_batch,
+)
+from normlab.model import LanguageModel
+from normlab.sweeps.runner import SweepRun, run_sweep
+from normlab.training import batchnorm_layers, calibrate_batchnorm, evaluate
 
 IDENTITY_TOLERANCE = 1e-9  # max |BN(h) - h| / max |h| with γ = σ_B, β = μ_B, in float64
 

@@ -26,7 +26,7 @@ from normlab.lab.common import (
     number,
     train_config,
 )
-from normlab.sweep import SweepRun, run_sweep
+from normlab.sweeps.runner import SweepRun, run_sweep
 
 NORMS = ("none", "batch", "layer", "group", "rms")
 PER_EXAMPLE = ("layer", "group", "rms")

@@ -14,10 +14,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from normlab.data import Splits, Vocab, load_words, make_splits
+import torch
+
+from normlab.config import ModelConfig, TrainConfig, get_preset
+from normlab.data import Splits, Vocab, load_words, make_splits, random_subset
+from normlab.diagnostics import inspect_model
+from normlab.diagnostics import metrics as metric
 from normlab.errors import DataError
-from normlab.model import ModelConfig, get_preset
-from normlab.train import TrainConfig
+from normlab.training import batchnorm_layers
 
 MODES = ("tiny", "quick", "full")  # tiny: for the tests; quick: under a minute each; full: the documented run
 HOLDS, DOES_NOT_HOLD = "HOLDS", "DOES NOT HOLD"
@@ -126,3 +130,43 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Lines of a Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def training_batch(data: LabData, examples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random batch of at most `examples` training examples (drawn without replacement)."""
+    return random_subset(data.splits.train, examples, torch.Generator().manual_seed(seed))
+
+
+def layer_profile(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, activation: str) -> dict[str, list]:
+    """Per activation layer, in order: output std, std of the gradient reaching it, saturated (tanh) or dead (ReLU)
+    share, from one forward and backward pass."""
+    name = "Tanh" if activation == "tanh" else "ReLU"
+    diagnostics = inspect_model(model, x, y, include=[name])
+    layers = diagnostics.layers(metric.ACT_STD)
+    share = metric.ACT_SATURATED if activation == "tanh" else metric.ACT_DEAD
+    return {"act_std": [diagnostics.value(layer, metric.ACT_STD, 0) for layer in layers],
+            "grad_std": [diagnostics.value(layer, metric.GRAD_STD, 0) for layer in layers],
+            "share": [diagnostics.value(layer, share, 0) for layer in layers]}
+
+
+@torch.no_grad()
+def population_statistics(model: torch.nn.Module, x: torch.Tensor, chunk: int = 16_384
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance over all of `x` of the input of the model's first BatchNorm, in float64."""
+    _, norm = batchnorm_layers(model)[0]
+    seen = []
+    handle = norm.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0].double()))
+    was_training = model.training
+    model.eval()
+    total = total_of_squares = 0.0
+    try:
+        for start in range(0, len(x), chunk):
+            model(x[start:start + chunk])
+            inputs = seen.pop()
+            total = total + inputs.sum(0)
+            total_of_squares = total_of_squares + inputs.square().sum(0)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    mean = total / len(x)
+    return mean, total_of_squares / len(x) - mean.square()

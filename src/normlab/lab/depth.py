@@ -13,12 +13,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
-from normlab.diagnostics import inspect_model
-from normlab.diagnostics import metrics as metric
-from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number
-from normlab.model import ModelConfig, build_model
+from normlab.config import ModelConfig
+from normlab.lab.common import (
+    Check,
+    Experiment,
+    LabData,
+    Verdict,
+    layer_profile,
+    markdown_table,
+    number,
+    training_batch,
+)
+from normlab.model import build_model
 
 GAINS = (0.5, 1.0, 5 / 3, 3.0)
 NORMS = ("none", "batch")
@@ -59,25 +65,6 @@ def deep_config(n_layers: int, n_hidden: int, norm: str, gain: float) -> ModelCo
     """The lesson's deep MLP: bias-free hidden Linears drawn N(0, gain²/fan_in), a small output layer."""
     return ModelConfig(n_layers=n_layers, n_hidden=n_hidden, norm=norm, init="fan_in", weight_scale=gain,
                        hidden_bias=False, output_init="fan_in", output_weight_scale=0.1, output_bias_scale=0.0)
-
-
-def layer_profile(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, activation: str) -> dict[str, list]:
-    """Per activation layer, in order: output std, std of the gradient reaching it, saturated (tanh) or dead (ReLU)
-    share, from one forward and backward pass."""
-    name = "Tanh" if activation == "tanh" else "ReLU"
-    diagnostics = inspect_model(model, x, y, include=[name])
-    layers = diagnostics.layers(metric.ACT_STD)
-    share = metric.ACT_SATURATED if activation == "tanh" else metric.ACT_DEAD
-    return {"act_std": [diagnostics.value(layer, metric.ACT_STD, 0) for layer in layers],
-            "grad_std": [diagnostics.value(layer, metric.GRAD_STD, 0) for layer in layers],
-            "share": [diagnostics.value(layer, share, 0) for layer in layers]}
-
-
-def training_batch(data: LabData, examples: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed random batch of training examples."""
-    x, y = data.splits.train
-    keep = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:examples]
-    return x[keep], y[keep]
 
 
 def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]:

@@ -17,9 +17,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from normlab import nn
-from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number
-from normlab.lab.depth import layer_profile, training_batch
-from normlab.model import ModelConfig, build_model
+from normlab.config import ModelConfig
+from normlab.lab.common import (
+    Check,
+    Experiment,
+    LabData,
+    Verdict,
+    layer_profile,
+    markdown_table,
+    number,
+    training_batch,
+)
+from normlab.model import build_model
 
 SCHEMES = ("naive", "xavier", "kaiming")
 ACTIVATIONS = ("tanh", "relu")

@@ -24,7 +24,7 @@ from normlab.lab.common import (
     number,
     train_config,
 )
-from normlab.sweep import SweepRun, run_sweep
+from normlab.sweeps.runner import SweepRun, run_sweep
 
 SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 NORMS = ("none", "batch")

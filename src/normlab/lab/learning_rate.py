@@ -25,7 +25,7 @@ from normlab.lab.common import (
     number,
     train_config,
 )
-from normlab.sweep import SweepRun, run_sweep
+from normlab.sweeps.runner import SweepRun, run_sweep
 
 RATES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 NORMS = ("none", "batch")

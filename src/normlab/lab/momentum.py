@@ -20,12 +20,20 @@ from typing import Any
 
 import torch
 
-from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number, train_config
-from normlab.lab.depth import training_batch
-from normlab.lab.train_vs_eval import population_statistics
-from normlab.model import get_preset
-from normlab.sweep import SweepRun, run_sweep
-from normlab.train import batchnorm_layers, calibrate_batchnorm, evaluate
+from normlab.config import get_preset
+from normlab.lab.common import (
+    Check,
+    Experiment,
+    LabData,
+    Verdict,
+    markdown_table,
+    number,
+    population_statistics,
+    train_config,
+    training_batch,
+)
+from normlab.sweeps.runner import SweepRun, run_sweep
+from normlab.training import batchnorm_layers, calibrate_batchnorm, evaluate
 
 MOMENTA = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5)
 EARLY = 40  # the early snapshot comes after 1/EARLY of training: within the slowest momentum's time constant
@@ -74,12 +82,12 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
     steps = [settings.steps // EARLY] + [settings.steps * k // SNAPSHOTS for k in range(1, SNAPSHOTS + 1)]
     results = run_sweep(runs, data.splits, len(data.vocab), progress=progress, snapshot_steps=steps,
                         final_examples=settings.final_examples)
-    populations = {step: population_statistics(results[0].snapshots[step], x_population) for step in steps}
-    final = results[0].snapshots[steps[-1]]
+    populations = {step: population_statistics(results[0].snapshot(step), x_population) for step in steps}
+    final = results[0].snapshot(steps[-1])
     calibrated = copy.deepcopy(final)
     calibrate_batchnorm(calibrated, data.splits.train[0])
     return {"settings": asdict(settings), "momenta": list(MOMENTA), "steps": steps,
-            "tracking_error": [[tracking_error(r.snapshots[step], populations[step]) for step in steps]
+            "tracking_error": [[tracking_error(r.snapshot(step), populations[step]) for step in steps]
                                for r in results],
             "val_loss": [r.val_loss for r in results], "val_loss_calibrated": evaluate(calibrated, *data.splits.val)}
 

@@ -26,7 +26,7 @@ from normlab.errors import ConfigError
 from normlab.files import atomic_write
 from normlab.lab.common import MODES, Check, Experiment, LabData
 from normlab.lab.registry import EXPERIMENTS, get_experiment
-from normlab.train import torch_threads
+from normlab.training.threads import torch_threads
 
 RESULT, SUMMARY, INDEX = "result.json", "summary.md", "index.html"
 

@@ -18,10 +18,19 @@ from typing import Any
 import torch
 
 from normlab.diagnostics.stats import TANH, dead_fraction, saturated_fraction
-from normlab.lab.common import Check, Experiment, LabData, Verdict, lesson_model, markdown_table, number, train_config
-from normlab.lab.depth import training_batch
+from normlab.lab.common import (
+    Check,
+    Experiment,
+    LabData,
+    Verdict,
+    lesson_model,
+    markdown_table,
+    number,
+    train_config,
+    training_batch,
+)
 from normlab.model import build_model
-from normlab.sweep import SweepRun, run_sweep
+from normlab.sweeps.runner import SweepRun, run_sweep
 
 ACTIVATIONS = ("tanh", "relu")
 SCALES = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
@@ -91,7 +100,7 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
     for run, result in zip(runs, results):
         activation = run.model.activation
         shares = [None if result.diverged_at is not None and result.diverged_at < step
-                  else hidden_share(result.snapshots[step], x, activation) for step in snapshots]
+                  else hidden_share(result.snapshot(step), x, activation) for step in snapshots]
         training.append({"activation": activation, "lr": run.train.lr, "steps": snapshots, "share": shares,
                          "val_loss": result.val_loss, "diverged_at": result.diverged_at})
     return {"settings": asdict(settings), "scales": list(SCALES), "at_init": at_init, "training": training}

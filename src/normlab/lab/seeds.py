@@ -25,7 +25,7 @@ from normlab.lab.common import (
     number,
     train_config,
 )
-from normlab.sweep import SweepRun, run_sweep
+from normlab.sweeps.runner import SweepRun, run_sweep
 
 NORMS = ("none", "batch", "layer", "group", "rms")
 MARGIN = 2.0  # the best and worst norm's means must differ by more than this many times the largest seed std

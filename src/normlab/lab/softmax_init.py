@@ -14,10 +14,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from normlab.config import get_preset
 from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number, train_config
-from normlab.model import build_model, get_preset
-from normlab.sweep import SweepRun, run_sweep
-from normlab.train import evaluate
+from normlab.model import build_model
+from normlab.sweeps.runner import SweepRun, run_sweep
+from normlab.training import evaluate
 
 LAYERS = {"naive": "lesson-original", "scaled": "lesson-softmax-fix"}  # output layer -> the preset that has it
 NAIVE_FACTOR = 2.0  # the naive initial loss is above this multiple of -log(1/vocab)

@@ -13,10 +13,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from normlab.config import get_preset
 from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number, train_config
-from normlab.model import get_preset
 from normlab.sample import diversity, sample_words
-from normlab.sweep import SweepRun, run_sweep
+from normlab.sweeps.runner import SweepRun, run_sweep
 
 TEMPERATURES = (0.3, 0.5, 0.7, 1.0, 1.3, 1.6, 2.0)
 NOISE = 0.01  # share unique may dip by this much between neighbouring temperatures (sampling noise)

@@ -19,10 +19,19 @@ from typing import Any
 
 import torch
 
-from normlab.lab.common import Check, Experiment, LabData, Verdict, markdown_table, number, train_config
-from normlab.model import get_preset
-from normlab.sweep import SweepRun, run_sweep
-from normlab.train import batchnorm_layers, calibrate_batchnorm, evaluate
+from normlab.config import get_preset
+from normlab.lab.common import (
+    Check,
+    Experiment,
+    LabData,
+    Verdict,
+    markdown_table,
+    number,
+    population_statistics,
+    train_config,
+)
+from normlab.sweeps.runner import SweepRun, run_sweep
+from normlab.training import batchnorm_layers, calibrate_batchnorm, evaluate
 
 DIFFERENT, IDENTICAL = 1e-4, 1e-6  # train-mode logits differ by more than / eval-mode logits by at most
 CALIBRATION_SLACK = 0.01  # calibrated statistics may cost at most this much val loss over the running ones
@@ -64,28 +73,6 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, training: bool) -> tuple[t
 
 
 @torch.no_grad()
-def population_statistics(model: torch.nn.Module, x: torch.Tensor, chunk: int = 16_384
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (biased) variance over all of `x` of the input of the model's first BatchNorm, in float64."""
-    _, norm = batchnorm_layers(model)[0]
-    seen = []
-    handle = norm.register_forward_hook(lambda _module, inputs, _output: seen.append(inputs[0].double()))
-    was_training = model.training
-    model.eval()
-    total = total_of_squares = 0.0
-    try:
-        for start in range(0, len(x), chunk):
-            model(x[start:start + chunk])
-            inputs = seen.pop()
-            total = total + inputs.sum(0)
-            total_of_squares = total_of_squares + inputs.square().sum(0)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    mean = total / len(x)
-    return mean, total_of_squares / len(x) - mean.square()
-
-
 def _gap(mean_a: torch.Tensor, mean_b: torch.Tensor, var_b: torch.Tensor) -> float:
     """Mean over features of |mean_a - mean_b| / std_b."""
     return float(((mean_a - mean_b).abs() / var_b.sqrt()).mean())

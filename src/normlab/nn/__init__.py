@@ -10,7 +10,6 @@ from torch.nn import Module
 
 from normlab.nn import functional, init
 from normlab.nn.layers import (
-    LINEAR_INITS,
     Embedding,
     Flatten,
     FlattenConsecutive,
@@ -22,7 +21,6 @@ from normlab.nn.layers import (
 from normlab.nn.norm import BatchNorm1d, GroupNorm, LayerNorm, RMSNorm
 
 __all__ = [
-    "LINEAR_INITS",
     "BatchNorm1d",
     "Embedding",
     "Flatten",

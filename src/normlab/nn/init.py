@@ -17,6 +17,10 @@ _LINEAR_GAIN_NAMES = (
 )
 NONLINEARITIES = _LINEAR_GAIN_NAMES + ("tanh", "relu", "leaky_relu", "selu")
 FAN_MODES = ("fan_in", "fan_out")
+# The weight schemes of normlab.nn.Linear and of the model's `init`/`output_init` (one list for both):
+# torch's default U(±1/√fan_in), the lesson's unscaled N(0, 1), N(0, 1/fan_in), Kaiming and Xavier normal.
+INIT_SCHEMES = ("torch", "naive", "fan_in", "kaiming", "xavier")
+BIAS_INITS = ("uniform", "normal", "zeros")
 
 
 def calculate_gain(nonlinearity: str, param: float | None = None) -> float:

@@ -16,22 +16,25 @@ from torch.types import Device
 
 from normlab.nn import init as initializers
 
-LINEAR_INITS = ("torch", "zeros-bias", "kaiming", "xavier", "naive")
+_SCHEME_BIAS = {"torch": "uniform", "naive": "normal"}  # a scheme's own bias; the others start the bias at 0
 
 
 class Linear(nn.Module):
     """y = x Wᵀ + b for input (*, in_features) → (*, out_features), equal to torch.nn.Linear.
 
-    `weight` is (out_features, in_features), `bias` (out_features,). `init` picks how they are drawn, all from
-    `generator` when one is given (else the global generator):
+    `weight` is (out_features, in_features), `bias` (out_features,). `init` (one of
+    `normlab.nn.init.INIT_SCHEMES`) picks how the weight is drawn, all from `generator` when one is given
+    (else the global generator), weight first, then the bias:
 
-    - "torch": torch's default, bit for bit: weight kaiming_uniform_(a=√5), i.e. U(±1/√in_features), then bias
-      U(±1/√in_features), drawn weight first.
-    - "zeros-bias": torch's default weight, bias 0.
-    - "kaiming": weight kaiming_normal_(mode="fan_in", nonlinearity=nonlinearity), std = gain/√in_features;
-      bias 0.
-    - "xavier": weight xavier_normal_(gain=calculate_gain(nonlinearity)); bias 0.
+    - "torch": torch's default, bit for bit: kaiming_uniform_(a=√5), i.e. U(±1/√in_features); bias
+      U(±1/√in_features).
     - "naive": weight and bias N(0, 1), the lesson's unscaled torch.randn, which saturates tanh.
+    - "fan_in": N(0, 1/in_features); "kaiming": kaiming_normal_(mode="fan_in", nonlinearity=nonlinearity),
+      std = gain/√in_features; "xavier": xavier_normal_(gain=calculate_gain(nonlinearity)); bias 0 for these.
+
+    `bias_init` overrides the scheme's bias: "uniform" (torch's U(±1/√in_features)), "normal" (N(0, 1), the
+    lesson's) or "zeros". Then the weight is multiplied by `weight_scale` and the bias by `bias_scale` (a scale
+    of 0 gives +0.0 everywhere, after the draw, so the draws that follow are unchanged).
     """
 
     in_features: int
@@ -39,15 +42,22 @@ class Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, device: Device = None,
                  dtype: torch.dtype | None = None, *, init: str = "torch", nonlinearity: str = "tanh",
+                 bias_init: str | None = None, weight_scale: float = 1.0, bias_scale: float = 1.0,
                  generator: torch.Generator | None = None) -> None:
-        if init not in LINEAR_INITS:
-            raise ValueError(f"unknown Linear init {init!r}: use one of {', '.join(LINEAR_INITS)}")
+        if init not in initializers.INIT_SCHEMES:
+            raise ValueError(f"unknown Linear init {init!r}: use one of {', '.join(initializers.INIT_SCHEMES)}")
+        if bias_init is not None and bias_init not in initializers.BIAS_INITS:
+            raise ValueError(f"unknown Linear bias_init {bias_init!r}: use one of "
+                             f"{', '.join(initializers.BIAS_INITS)} (or None for the scheme's own)")
         initializers.calculate_gain(nonlinearity)  # reject an unknown nonlinearity before building anything
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.init = init
         self.nonlinearity = nonlinearity
+        self.bias_init = bias_init or _SCHEME_BIAS.get(init, "zeros")
+        self.weight_scale = weight_scale
+        self.bias_scale = bias_scale
         self.weight = nn.Parameter(torch.empty((out_features, in_features), device=device, dtype=dtype))
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype))
@@ -56,30 +66,36 @@ class Linear(nn.Module):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw weight then bias again following `self.init`, from `generator` when given."""
-        if self.init in ("torch", "zeros-bias"):
-            initializers.kaiming_uniform_(self.weight, a=math.sqrt(5), generator=generator)
-        elif self.init == "kaiming":
-            initializers.kaiming_normal_(self.weight, mode="fan_in", nonlinearity=self.nonlinearity,
-                                         generator=generator)
+        """Draw weight then bias again following `init` and `bias_init`, from `generator` when given; scale."""
+        weight = self.weight
+        if self.init == "torch":
+            initializers.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
+        elif self.init in ("kaiming", "fan_in"):
+            nonlinearity = self.nonlinearity if self.init == "kaiming" else "linear"
+            initializers.kaiming_normal_(weight, mode="fan_in", nonlinearity=nonlinearity, generator=generator)
         elif self.init == "xavier":
             gain = initializers.calculate_gain(self.nonlinearity)
-            initializers.xavier_normal_(self.weight, gain=gain, generator=generator)
+            initializers.xavier_normal_(weight, gain=gain, generator=generator)
         else:
             with torch.no_grad():
-                self.weight.normal_(0.0, 1.0, generator=generator)
-        if self.bias is None:
-            return
-        if self.init == "torch":
-            fan_in, _ = initializers.fan_in_and_fan_out(self.weight)
-            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
-            with torch.no_grad():
+                weight.normal_(0.0, 1.0, generator=generator)
+        with torch.no_grad():
+            if self.weight_scale != 1.0:
+                weight.mul_(self.weight_scale)
+            if self.bias is None:
+                return
+            if self.bias_init == "uniform":
+                fan_in, _ = initializers.fan_in_and_fan_out(weight)
+                bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
                 self.bias.uniform_(-bound, bound, generator=generator)
-        elif self.init == "naive":
-            with torch.no_grad():
+            elif self.bias_init == "normal":
                 self.bias.normal_(0.0, 1.0, generator=generator)
-        else:
-            initializers.zeros_(self.bias)
+            else:
+                self.bias.zero_()
+            if self.bias_scale == 0.0:
+                self.bias.zero_()  # as the lesson's `randn(...) * 0`, but +0.0 everywhere
+            elif self.bias_scale != 1.0:
+                self.bias.mul_(self.bias_scale)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """(*, in_features) → (*, out_features)."""
@@ -96,6 +112,11 @@ class Linear(nn.Module):
             text += f", init={self.init!r}"
             if self.init in ("kaiming", "xavier"):
                 text += f", nonlinearity={self.nonlinearity!r}"
+        if self.bias is not None and self.bias_init != _SCHEME_BIAS.get(self.init, "zeros"):
+            text += f", bias_init={self.bias_init!r}"
+        for name in ("weight_scale", "bias_scale"):
+            if getattr(self, name) != 1.0:
+                text += f", {name}={getattr(self, name)!r}"
         return text
 
 

@@ -1,4 +1,4 @@
-"""What the commands do, as functions on run directories: train, resume, evaluate, calibrate, sample.
+"""What the commands do, as functions on run directories: train, resume, evaluate, calibrate, sample, report.
 
 The CLI parses arguments, calls one of these and prints what it returns; everything here works from Python.
 """
@@ -12,16 +12,14 @@ from typing import Any
 
 import torch
 
-from normlab.checkpoint import RunDir
 from normlab.config import RunConfig
-from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits
-from normlab.errors import CheckpointError, DataError
-from normlab.fast import train_stacked
-from normlab.model import LanguageModel, build_model
+from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits, random_batch
+from normlab.errors import CheckpointError, DataError, TrainingDiverged
+from normlab.model import build_model
+from normlab.runs.rundir import DIAGNOSTICS, RunDir, read_metrics
 from normlab.sample import Diversity, Samples, diversity, sample_words
-from normlab.stacked import StackedMLP, stacking_problem
-from normlab.stacked_optim import StackedOptimizer
-from normlab.train import TrainEvents, calibrate_batchnorm, evaluate, make_optimizer, train
+from normlab.training import LoopEvents, calibrate_batchnorm, choose_engine, create_engine, evaluate, train_loop
+from normlab.training.threads import threads_for, torch_threads, work_per_step
 
 
 def load_data(config: RunConfig, vocab: Vocab | None = None) -> tuple[Vocab, Splits]:
@@ -51,34 +49,48 @@ class TrainOutcome:
 
     run: RunDir
     final: dict[str, float]
+    engine: str
     calibration: dict[str, float] | None = None
     report: Path | None = None
     notes: list[str] = field(default_factory=list)
 
 
-def start_training(config: RunConfig, out: str | Path, *, diagnose: bool = False, every: int = 100,
-                   calibrate: bool = False, progress: bool = True) -> TrainOutcome:
-    """Create the run directory `out` for `config`, train, and write the final losses (and report)."""
+@dataclass
+class TrainOptions:
+    """How to train, beside the run's config: diagnostics every `every` steps, BatchNorm calibration at the end,
+    a progress bar, and torch threads (None: one for lesson-sized work, see `normlab.training.threads`)."""
+
+    diagnose: bool = False
+    every: int = 100
+    calibrate: bool = False
+    progress: bool = True
+    threads: int | None = None
+
+
+def start_training(config: RunConfig, out: str | Path, **options: Any) -> TrainOutcome:
+    """Create the run directory `out` for `config`, train, and write the final losses (and report). `options`:
+    the fields of `TrainOptions`."""
+    options_ = TrainOptions(**options)
     config.validate()
+    choose_engine(config.model, config.train)  # a ConfigError before anything is written
     vocab, splits = load_new_run_data(config)
     run = RunDir.create(out, config, vocab)
-    model = build_model(config.model, len(vocab), seed=config.train.seed)
-    return _train_and_finish(run, model, splits, start_step=0, optimizer_state=False, diagnose=diagnose,
-                             every=every, calibrate=calibrate, progress=progress)
+    return _train_and_finish(run, splits, None, 0, options_)
 
 
-def resume_training(out: str | Path, *, diagnose: bool = False, every: int = 100, calibrate: bool = False,
-                    progress: bool = True) -> TrainOutcome:
-    """Continue the run in `out` from its last checkpoint to the configured number of steps."""
+def resume_training(out: str | Path, **options: Any) -> TrainOutcome:
+    """Continue the run in `out` from its last checkpoint to the configured number of steps. `options`: the
+    fields of `TrainOptions`."""
+    options_ = TrainOptions(**options)
     run = RunDir.open(out)
     _check_same_data(run)
-    vocab, splits = load_data(run.config, run.vocab)
-    model, step = run.load_model(run.config.train.device)
+    _, splits = load_data(run.config, run.vocab)
+    state, step = run.load_state()
     if step >= run.config.train.steps:
         raise CheckpointError(f"{run.path} already finished its {run.config.train.steps} steps; nothing to resume")
+    optimizer_state = run.load_optimizer_state(step)
     run.keep_metrics_until(step)
-    return _train_and_finish(run, model, splits, start_step=step, optimizer_state=True, diagnose=diagnose,
-                             every=every, calibrate=calibrate, progress=progress)
+    return _train_and_finish(run, splits, (state, optimizer_state), step, options_)
 
 
 def _check_same_data(run: RunDir) -> None:
@@ -91,20 +103,36 @@ def _check_same_data(run: RunDir) -> None:
                         "the original file to resume this run, or start a new run")
 
 
-def _train_and_finish(run: RunDir, model: LanguageModel, splits: Splits, *, start_step: int,
-                      optimizer_state: bool, diagnose: bool, every: int, calibrate: bool,
-                      progress: bool) -> TrainOutcome:
+def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | None, start_step: int,
+                      options: TrainOptions) -> TrainOutcome:
     config = run.config
-    model.to(config.train.device)
-    if config.train.fast and not diagnose and stacking_problem(config.model) is None:
-        model = _train_stacked(run, model, splits, start_step, optimizer_state, progress)
-    else:
-        _train_reference(run, model, splits, start_step, optimizer_state, diagnose, every, progress)
-    outcome = TrainOutcome(run, final={})
-    if calibrate:
-        outcome.calibration = _calibrate(run, model, splits)
-    outcome.final = record_final_losses(run, model, splits)
-    if diagnose:
+    threads = options.threads or threads_for(work_per_step([config.model], config.train.batch_size))
+    with torch_threads(threads):
+        engine = create_engine([config.model], [config.train], len(run.vocab), splits.train,
+                               states=None if saved is None else [saved[0]],
+                               optimizer_states=None if saved is None else [saved[1]], step=start_step)
+        if options.diagnose:
+            engine.attach_monitors(options.every)
+
+        def checkpoint(step: int) -> None:
+            run.save_checkpoint(engine.model_state(0), engine.optimizer_state(0), step)
+            if engine.monitors:
+                engine.monitors[0].save(run.path)
+
+        events = LoopEvents(log=lambda _, row: run.append_metrics(row), checkpoint=checkpoint)
+        try:
+            diverged = train_loop(engine, [config.train], splits.train, splits.val, start_step=start_step,
+                                  events=events, progress=options.progress)
+        finally:
+            engine.close()
+        if diverged:
+            raise TrainingDiverged(diverged[0].message(config.train), diverged[0].step)
+        model = engine.modules()[0]
+        outcome = TrainOutcome(run, final={}, engine=choose_engine(config.model, config.train))
+        if options.calibrate:
+            outcome.calibration = _calibrate(run, model, splits)
+        outcome.final = record_final_losses(run, model, splits)
+    if options.diagnose:
         outcome.report = write_report(run.path)
     return outcome
 
@@ -120,71 +148,17 @@ def record_final_losses(run: RunDir, model: torch.nn.Module | None, splits: Spli
     return final
 
 
-def _train_reference(run: RunDir, model: LanguageModel, splits: Splits, start_step: int, optimizer_state: bool,
-                     diagnose: bool, every: int, progress: bool) -> None:
-    """The reference path: normlab's layers, autograd and torch.optim."""
-    optimizer = make_optimizer(model, run.config.train)
-    if optimizer_state:
-        run.load_optimizer(optimizer, start_step)
-    monitor = _monitor(model, optimizer, every) if diagnose else None
-
-    def checkpoint(step: int) -> None:
-        run.save_checkpoint(model, optimizer, step)
-        if monitor is not None:
-            monitor.save(run.path)
-
-    events = TrainEvents(log=run.append_metrics, checkpoint=checkpoint,
-                         begin_step=monitor.begin_step if monitor else None,
-                         end_step=monitor.end_step if monitor else None)
-    try:
-        train(model, splits.train, splits.val, run.config.train, optimizer=optimizer, start_step=start_step,
-              events=events, progress=progress)
-    finally:
-        if monitor is not None:
-            monitor.close()
-
-
-def _train_stacked(run: RunDir, model: LanguageModel, splits: Splits, start_step: int, optimizer_state: bool,
-                   progress: bool) -> LanguageModel:
-    """The fast path (`normlab.fast`); checkpoints are written in the reference path's format, so either path
-    can resume a run of the other."""
-    config = run.config
-    stacked = StackedMLP.from_models([model], [config.model])
-    optimizer = StackedOptimizer(stacked, [config.train])
-    if optimizer_state:
-        reference_optimizer = make_optimizer(model, config.train)
-        run.load_optimizer(reference_optimizer, start_step)
-        optimizer.load_state_dicts([reference_optimizer.state_dict()], start_step)
-
-    def checkpoint(step: int) -> None:
-        current = stacked.to_models()[0]
-        reference_optimizer = make_optimizer(current, config.train)
-        reference_optimizer.load_state_dict(optimizer.state_dict_for(0, reference_optimizer))
-        run.save_checkpoint(current, reference_optimizer, step)
-
-    train_stacked(stacked, splits.train, splits.val, [config.train], optimizer=optimizer, start_step=start_step,
-                  log=lambda _, row: run.append_metrics(row), checkpoint=checkpoint, progress=progress)
-    return stacked.to_models()[0]
-
-
-def _monitor(model: torch.nn.Module, optimizer: torch.optim.Optimizer, every: int) -> Any:
-    from normlab.diagnostics import Monitor
-
-    return Monitor(model, optimizer, every=every)
-
-
 def write_report(run_path: str | Path, *, tensorboard: bool = False) -> Path:
     """Rebuild `report.html` of a run from its stored diagnostics and metrics (and, with `tensorboard`, export
     them to `RUN/tensorboard/` for `tensorboard --logdir RUN`)."""
-    from normlab.diagnostics import export_tensorboard, load_diagnostics, read_metrics
+    from normlab.diagnostics import export_tensorboard, load_diagnostics
     from normlab.diagnostics import write_report as write
 
     run = RunDir.open(run_path)
     if tensorboard:
-        if not (run.path / "diagnostics").is_dir():
+        if not (run.path / DIAGNOSTICS).is_dir():
             raise CheckpointError(f"{run.path} has no diagnostics to export: train it with --diagnose")
-        export_tensorboard(load_diagnostics(run.path), run.path / "tensorboard",
-                           metrics_rows=read_metrics(run.path / "metrics.jsonl"))
+        export_tensorboard(load_diagnostics(run.path), run.path / "tensorboard", metrics_rows=read_metrics(run.path))
     return write(run.path)
 
 
@@ -201,18 +175,14 @@ class Inspection:
 def inspect_preset(config: RunConfig, batch_size: int = 256) -> Inspection:
     """Build `config`'s model, run one training-mode forward and backward pass on a batch of training examples
     (no update) and return the per-layer table and the findings."""
-    import math
-
     from normlab.diagnostics import find_issues, format_layer_table, inspect_model
 
     vocab, splits = load_data(config)
     model = build_model(config.model, len(vocab), seed=config.train.seed)
-    generator = torch.Generator().manual_seed(config.train.seed)
-    x, y = splits.train
-    index = torch.randint(0, len(x), (batch_size,), generator=generator)
-    diagnostics = inspect_model(model, x[index], y[index])
+    x, y = random_batch(splits.train, batch_size, config.train.seed)
+    diagnostics = inspect_model(model, x, y)
     with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(model(x[index]), y[index]).item()
+        loss = torch.nn.functional.cross_entropy(model(x), y).item()
     return Inspection(format_layer_table(diagnostics), find_issues(diagnostics, vocab_size=len(vocab)), loss,
                       math.log(len(vocab)))
 
@@ -221,7 +191,7 @@ def _calibrate(run: RunDir, model: torch.nn.Module, splits: Splits) -> dict[str,
     before = evaluate(model, *splits.val)
     layers = calibrate_batchnorm(model, splits.train[0])
     after = evaluate(model, *splits.val)
-    run.save_model(model, run.model_step(), calibrated="true")
+    run.save_model(model.state_dict(), run.model_step(), calibrated="true")
     result = {"layers": layers, "val_before": before, "val_after": after}
     run.append_metrics({"event": "calibrate", **result})
     return result

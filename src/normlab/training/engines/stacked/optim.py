@@ -12,16 +12,19 @@ from typing import Any
 
 import torch
 
-from normlab.stacked import MatmulGrad, StackedMLP, per_model_view, stack_as, unstack_as
-from normlab.train import TrainConfig
+from normlab.config import TrainConfig
+from normlab.training.engines.stacked.layout import per_model_view, stack_as, unstack_as
+from normlab.training.engines.stacked.model import MatmulGrad, StackedMLP
+from normlab.training.optimizers import param_group_defaults
 
 
 class StackedOptimizer:
-    """SGD (momentum, weight decay) or AdamW for M stacked models; `state_dict_for` speaks torch's format."""
+    """SGD (momentum, weight decay) or AdamW for M stacked models; `state_dict(i)` speaks torch's format."""
 
     def __init__(self, stacked: StackedMLP, configs: Sequence[TrainConfig]) -> None:
         self.params = params = stacked.parameters()
-        self.layouts = stacked.layouts  # how each parameter is stacked (`normlab.stacked.stack_as`)
+        self.layouts = stacked.parameter_layouts  # how each parameter is stacked (`layout.stack_as`)
+        self.configs = list(configs)
         self.kind = configs[0].optimizer
         like = params[0]
         self.momentum = per_model_view([c.momentum for c in configs], like)
@@ -81,24 +84,23 @@ class StackedOptimizer:
         denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(self.eps)
         param.addcdiv_(exp_avg * (lr / correction1), denom, value=-1.0)
 
-    def state_dict_for(self, index: int, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Model `index`'s state in the format of `optimizer` (a torch optimizer over that model's parameters)."""
-        state = optimizer.state_dict()
-        keys = state["param_groups"][0]["params"]
+    def state_dict(self, index: int) -> dict[str, Any]:
+        """Model `index`'s state as `torch.optim.SGD/AdamW(model.parameters()).state_dict()` would give it (the
+        tensors as views of the stacked buffers)."""
         steps = int(self.step_count)
-        new_state: dict[int, dict[str, Any]] = {}
+        state: dict[int, dict[str, Any]] = {}
         if steps and any(self.buffers):
-            for key, layout, buffers in zip(keys, self.layouts, self.buffers):
-                parts = [unstack_as(layout, b, index).clone() for b in buffers]
+            for key, (layout, buffers) in enumerate(zip(self.layouts, self.buffers)):
+                parts = [unstack_as(layout, b, index) for b in buffers]
                 if self.kind == "sgd":
-                    new_state[key] = {"momentum_buffer": parts[0]}
+                    state[key] = {"momentum_buffer": parts[0]}
                 else:
-                    new_state[key] = {"step": torch.tensor(float(steps)), "exp_avg": parts[0], "exp_avg_sq": parts[1]}
-        state["state"] = new_state
-        return state
+                    state[key] = {"step": torch.tensor(float(steps)), "exp_avg": parts[0], "exp_avg_sq": parts[1]}
+        group = {**param_group_defaults(self.configs[index]), "params": list(range(len(self.params)))}
+        return {"state": state, "param_groups": [group]}
 
     def load_state_dicts(self, states: Sequence[dict[str, Any]], steps: int) -> None:
-        """Stack the torch-format states of the M models (the inverse of `state_dict_for`) after `steps` updates."""
+        """Stack the torch-format states of the M models (the inverse of `state_dict`) after `steps` updates."""
         self.step_count.fill_(steps)
         names = ["momentum_buffer"] if self.kind == "sgd" else ["exp_avg", "exp_avg_sq"]
         per_model = [[s["state"].get(key, {}) for key in s["param_groups"][0]["params"]] for s in states]

@@ -1,4 +1,4 @@
-"""The stacked path against the reference: M separate normlab models run through autograd."""
+"""The stacked model against M separate normlab models run through autograd, and its state-dict layout."""
 
 from __future__ import annotations
 
@@ -8,10 +8,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab.model import ModelConfig, build_model
-from normlab.stacked import StackedMLP, stacking_problem, unstack_as
+from normlab.config import ModelConfig
+from normlab.model import build_model
+from normlab.training.engines.stacked.layout import stacking_problem, state_layout, unstack_as
+from normlab.training.engines.stacked.model import StackedMLP
 
 VOCAB = 27
+
+
+def _stack(models, configs):
+    return StackedMLP.from_state_dicts(configs, [m.state_dict() for m in models], VOCAB)
 
 
 def _configs(norm: str, activation: str, n_layers: int, count: int = 3) -> list[ModelConfig]:
@@ -33,22 +39,22 @@ def _batch(count: int, batch: int = 16, seed: int = 0) -> tuple[torch.Tensor, to
 def test_loss_gradients_and_buffers_equal_autograd_on_separate_models(norm, activation, n_layers):
     configs = _configs(norm, activation, n_layers)
     models = [build_model(c, VOCAB, seed=i).double() for i, c in enumerate(configs)]
-    stacked = StackedMLP.from_models(models, configs)
+    stacked = _stack(models, configs)
     contexts, targets = _batch(len(models))
     loss, grads = stacked.loss_and_gradients(contexts, targets)
     for i, model in enumerate(models):
         reference = F.cross_entropy(model(contexts[i]), targets[i])
         reference.backward()
         torch.testing.assert_close(loss[i], reference, rtol=1e-10, atol=1e-10)
-        expected = stacked.to_models()[i]
-        for (name, p), mine in zip(model.named_parameters(), _unstacked_grads(stacked, grads, i, model)):
+        for (name, p), mine in zip(model.named_parameters(), _unstacked_grads(stacked, grads, i)):
             torch.testing.assert_close(mine, p.grad, rtol=1e-9, atol=1e-10, msg=name)
-        for (name, b), mine in zip(model.named_buffers(), expected.buffers()):
-            torch.testing.assert_close(mine, b, rtol=1e-10, atol=1e-10, msg=name)
+        state = stacked.state_dict(i)
+        for name, b in model.named_buffers():
+            torch.testing.assert_close(state[name], b, rtol=1e-10, atol=1e-10, msg=name)
 
 
-def _unstacked_grads(stacked, grads, index, model):
-    return [unstack_as(layout, grad, index) for layout, grad in zip(stacked.layouts, grads)]
+def _unstacked_grads(stacked, grads, index):
+    return [unstack_as(layout, grad, index) for layout, grad in zip(stacked.parameter_layouts, grads)]
 
 
 def test_eval_mode_uses_running_statistics_like_the_model():
@@ -57,7 +63,7 @@ def test_eval_mode_uses_running_statistics_like_the_model():
     for model in models:  # move the running statistics away from their initial values
         model(torch.randint(0, VOCAB, (32, 3)))
         model.eval()
-    stacked = StackedMLP.from_models(models, configs)
+    stacked = _stack(models, configs)
     contexts, _ = _batch(len(models))
     logits, _ = stacked.forward(contexts, training=False)
     for i, model in enumerate(models):
@@ -67,9 +73,24 @@ def test_eval_mode_uses_running_statistics_like_the_model():
 def test_round_trip_through_the_stack_keeps_every_tensor():
     configs = _configs("batch", "relu", 2)
     models = [build_model(c, VOCAB, seed=i) for i, c in enumerate(configs)]
-    for original, copy in zip(models, StackedMLP.from_models(models, configs).to_models()):
-        for (name, a), b in zip(original.state_dict().items(), copy.state_dict().values()):
-            assert torch.equal(a, b), name
+    stacked = _stack(models, configs)
+    for index, original in enumerate(models):
+        copy = stacked.state_dict(index)
+        assert list(copy) == list(original.state_dict())
+        for name, value in original.state_dict().items():
+            assert torch.equal(copy[name], value), name
+
+
+@pytest.mark.parametrize("changes", [{}, {"norm": "batch"}, {"norm": "rms", "n_layers": 3}, {"norm": "layer"},
+                                     {"norm": "group", "hidden_bias": True}, {"output_bias": False, "n_layers": 2},
+                                     {"norm": "batch", "hidden_bias": True, "activation": "relu"}])
+def test_the_state_layout_lists_build_models_state_dict_in_order(changes):
+    config = ModelConfig(n_hidden=16, **changes)
+    state = build_model(config, VOCAB).state_dict()
+    layout = state_layout(config)
+    assert [entry.key for entry in layout] == list(state)
+    parameters = dict(build_model(config, VOCAB).named_parameters())
+    assert [entry.key for entry in layout if entry.parameter] == list(parameters)
 
 
 def test_unsupported_configs_are_named():
@@ -78,4 +99,4 @@ def test_unsupported_configs_are_named():
     assert stacking_problem(ModelConfig(norm="batch")) is None
     with pytest.raises(ValueError, match="share their architecture"):
         configs = [ModelConfig(n_hidden=8), ModelConfig(n_hidden=9)]
-        StackedMLP.from_models([build_model(c, VOCAB) for c in configs], configs)
+        _stack([build_model(c, VOCAB) for c in configs], configs)

@@ -1,46 +1,33 @@
 """M models of one MLP architecture as stacked tensors, with the forward and the backward written out.
 
-This is the speed path. A model of the lesson is tiny, so a step of a plain PyTorch loop spends its time on the
-overhead of some sixty small operations and autograd's bookkeeping, not on arithmetic. Here the M models of a
-sweep (or the single model of one run, M = 1) share every operation: batched matrix products over a leading
-model axis, the closed-form BatchNorm backward, the softmax–cross-entropy gradient p − onehot, one fused
-optimizer update. Shapes: contexts (M, B, T), hidden activations (M, B, H), logits (M, B, V).
+This is the stacked engine's model. A model of the lesson is tiny, so a step of a plain PyTorch loop spends its
+time on the overhead of some sixty small operations and autograd's bookkeeping, not on arithmetic. Here the M
+models of a sweep (or the single model of one run, M = 1) share every operation: batched matrix products over a
+leading model axis, the closed-form norm backwards, the softmax–cross-entropy gradient p − onehot. Shapes:
+contexts (M, B, T), hidden activations (M, B, H), logits (M, B, V).
 
-`StackedMLP.from_models` copies the parameters of M `LanguageModel`s built by `build_model` (so a stacked run
-starts exactly where M separate runs would), and `to_models` copies them back.
+`StackedMLP.from_state_dicts` stacks M state dicts in the reference key format (`layout.state_layout`), and
+`state_dict(i)` gives model i's back as views, so a stacked run starts, checkpoints and ends exactly where M
+separate runs of the reference engine would, without building a module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from normlab.model import LanguageModel, ModelConfig, build_model
-
-STACKED_NORMS = ("none", "batch", "layer", "group", "rms")
-# The fields M models must share to be stacked; the rest (init, scales, bn_momentum...) may differ per model.
-SHAPE_FIELDS = ("architecture", "block_size", "n_embd", "n_hidden", "n_layers", "norm", "norm_groups", "activation",
-                "residual", "output_norm", "output_bias", "hidden_bias")
-
-
-def stacking_problem(config: ModelConfig) -> str | None:
-    """Why `config` cannot run on the stacked path, or None if it can."""
-    if config.architecture != "mlp":
-        return f"architecture {config.architecture!r} (the stacked path runs the mlp architecture)"
-    if config.norm not in STACKED_NORMS:
-        return f"norm {config.norm!r} (the stacked path supports {', '.join(STACKED_NORMS)})"
-    if config.residual:
-        return "residual connections"
-    if config.output_norm:
-        return "a norm after the output layer"
-    return None
-
-
-def _shape_key(config: ModelConfig) -> tuple:
-    hidden_bias = (config.norm == "none") if config.hidden_bias is None else config.hidden_bias
-    return tuple(getattr(config, f) for f in SHAPE_FIELDS if f != "hidden_bias") + (hidden_bias,)
+from normlab.config import ModelConfig
+from normlab.training.engines.stacked.layout import (
+    SHAPE_FIELDS,
+    per_model_view,
+    shape_key,
+    stack_as,
+    stacking_problem,
+    state_layout,
+    unstack_as,
+)
 
 
 @dataclass(frozen=True)
@@ -57,7 +44,7 @@ class MatmulGrad:
 
 
 @dataclass
-class _Hidden:
+class HiddenLayer:
     """One hidden block of the M models: weight (M, in, out), optional bias and norm state."""
 
     weight: torch.Tensor
@@ -79,7 +66,7 @@ def _tanh(x: torch.Tensor) -> torch.Tensor:
 class StackedMLP:
     """M MLP language models of one architecture, trained in lockstep with a hand-written backward."""
 
-    def __init__(self, configs: Sequence[ModelConfig], embedding: torch.Tensor, hidden: list[_Hidden],
+    def __init__(self, configs: Sequence[ModelConfig], embedding: torch.Tensor, hidden: list[HiddenLayer],
                  output_weight: torch.Tensor, output_bias: torch.Tensor | None, vocab_size: int) -> None:
         self.configs = list(configs)
         self.num_models = len(configs)
@@ -95,38 +82,29 @@ class StackedMLP:
         self.bn_momentum = per_model_view([c.bn_momentum for c in configs], embedding)
         self.eps = 1e-5
         self._offsets = torch.arange(self.num_models, device=device) * vocab_size
-        self.layouts = parameter_layouts(first)  # how each of a model's parameters() is stacked
+        self.layout = state_layout(first)  # where each stacked tensor sits in a model's state dict
+        self.parameter_layouts = [entry.layout for entry in self.layout if entry.parameter]
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
-    def from_models(cls, models: Sequence[LanguageModel], configs: Sequence[ModelConfig]) -> StackedMLP:
-        """Stack copies of the parameters and buffers of `models` (built by `build_model` from `configs`)."""
+    def from_state_dicts(cls, configs: Sequence[ModelConfig], states: Sequence[Mapping[str, torch.Tensor]],
+                         vocab_size: int) -> StackedMLP:
+        """Stack copies of M state dicts (of `build_model(configs[i], vocab_size)`'s key format), on the device and
+        in the dtype of the given tensors."""
         problems = {stacking_problem(c) for c in configs} - {None}
         if problems:
             raise ValueError(f"these models cannot be stacked: {', '.join(sorted(problems))}")
-        if len({_shape_key(c) for c in configs}) != 1:
-            raise ValueError("stacked models must share their architecture (" + ", ".join(SHAPE_FIELDS) + ")")
-        if configs[0].norm == "rms" and any(m.eps is not None for m in models[0].modules() if hasattr(m, "eps")
-                                            and type(m).__name__ == "RMSNorm"):
-            raise ValueError("the stacked path's RMSNorm uses eps=None (the machine epsilon)")
-        params = [stack_as(layout, group) for layout, group in
-                  zip(parameter_layouts(configs[0]), zip(*(m.parameters() for m in models)))]
-        buffers = [stack_as(layout, group) for layout, group in
-                   zip(buffer_layouts(configs[0]), zip(*(m.buffers() for m in models)))]
-        stacked = cls.__new__(cls)
-        stacked._assign(configs, params, buffers, models[0].vocab_size)
-        return stacked
-
-    def _assign(self, configs: Sequence[ModelConfig], params: list[torch.Tensor], buffers: list[torch.Tensor],
-                vocab_size: int) -> None:
-        """Distribute flat lists (in the order of a model's `parameters()` and `buffers()`) into the blocks."""
+        if len({shape_key(c) for c in configs}) != 1:
+            raise ValueError(f"stacked models must share their architecture ({', '.join(SHAPE_FIELDS)})")
+        layout = state_layout(configs[0])
+        tensors = [stack_as(entry.layout, [state[entry.key] for state in states]) for entry in layout]
+        params = [t for t, entry in zip(tensors, layout) if entry.parameter]
+        buffers = [t for t, entry in zip(tensors, layout) if not entry.parameter]
         first = configs[0]
-        has_bias = (first.norm == "none") if first.hidden_bias is None else first.hidden_bias
-        params, buffers = list(params), list(buffers)
         embedding = params.pop(0)
         hidden = []
         for _ in range(first.n_layers):
-            block = _Hidden(weight=params.pop(0), bias=params.pop(0) if has_bias else None)
+            block = HiddenLayer(weight=params.pop(0), bias=params.pop(0) if first.has_hidden_bias else None)
             if first.norm != "none":
                 block.gamma = params.pop(0)
                 block.beta = params.pop(0) if first.norm != "rms" else None
@@ -136,42 +114,24 @@ class StackedMLP:
             hidden.append(block)
         output_weight = params.pop(0)
         output_bias = params.pop(0) if first.output_bias else None
-        self.__init__(configs, embedding, hidden, output_weight, output_bias, vocab_size)
+        return cls(configs, embedding, hidden, output_weight, output_bias, vocab_size)
 
-    @classmethod
-    def build(cls, configs: Sequence[ModelConfig], vocab_size: int, seeds: Sequence[int],
-              device: str | torch.device = "cpu") -> StackedMLP:
-        """Build each model with `build_model(config, vocab_size, seed)` and stack them."""
-        models = [build_model(c, vocab_size, seed=s).to(device) for c, s in zip(configs, seeds)]
-        return cls.from_models(models, configs)
+    def tensors(self) -> list[torch.Tensor]:
+        """Every stacked tensor, in the order of a model's `state_dict()` (see `layout.state_layout`)."""
+        out = [self.embedding]
+        for block in self.hidden:
+            out += [t for t in (block.weight, block.bias, block.gamma, block.beta, block.running_mean,
+                                block.running_var, block.num_batches_tracked) if t is not None]
+        return out + [t for t in (self.output_weight, self.output_bias) if t is not None]
 
-    def buffers(self) -> list[torch.Tensor]:
-        """The BatchNorm running statistics, in the order of a model's `buffers()`."""
-        return [t for block in self.hidden if block.running_mean is not None
-                for t in (block.running_mean, block.running_var, block.num_batches_tracked)]
-
-    def to_models(self) -> list[LanguageModel]:
-        """M separate `LanguageModel`s holding copies of the current parameters and buffers."""
-        models = []
-        with torch.no_grad():
-            for i, config in enumerate(self.configs):
-                model = build_model(config, self.vocab_size, seed=0).to(self.embedding.device, self.embedding.dtype)
-                for target, source, layout in zip(model.parameters(), self.parameters(), self.layouts):
-                    target.copy_(unstack_as(layout, source, i))
-                for target, source, layout in zip(model.buffers(), self.buffers(), buffer_layouts(config)):
-                    target.copy_(unstack_as(layout, source, i))
-                models.append(model)
-        return models
+    def state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """Model `index`'s state dict in the reference key format, as views of the stacked tensors."""
+        return {entry.key: unstack_as(entry.layout, tensor, index)
+                for entry, tensor in zip(self.layout, self.tensors())}
 
     def parameters(self) -> list[torch.Tensor]:
         """Every trainable tensor, in the order of a model's `parameters()`."""
-        params = [self.embedding]
-        for block in self.hidden:
-            params += [t for t in (block.weight, block.bias, block.gamma, block.beta) if t is not None]
-        params.append(self.output_weight)
-        if self.output_bias is not None:
-            params.append(self.output_bias)
-        return params
+        return [t for t, entry in zip(self.tensors(), self.layout) if entry.parameter]
 
     # ----------------------------------------------------------------------------------------------- forward
     def rows(self, contexts: torch.Tensor) -> torch.Tensor:
@@ -184,7 +144,7 @@ class StackedMLP:
         table = self.embedding.view(-1, self.embedding.shape[-1])
         return table.index_select(0, rows.reshape(-1)).view(m, b, -1)
 
-    def _normalize(self, h: torch.Tensor, block: _Hidden, training: bool) -> tuple[torch.Tensor, tuple]:
+    def _normalize(self, h: torch.Tensor, block: HiddenLayer, training: bool) -> tuple[torch.Tensor, tuple]:
         """The norm of one block; returns the output and what the backward needs."""
         if self.norm == "rms":
             inv = torch.rsqrt(h.square().mean(2, keepdim=True) + torch.finfo(h.dtype).eps)  # eps=None: machine eps
@@ -285,7 +245,7 @@ class StackedMLP:
             grads += block_grads
         return loss, grads + grads_out
 
-    def _normalize_backward(self, d_y: torch.Tensor, block: _Hidden, saved: tuple) -> tuple[torch.Tensor, list]:
+    def _normalize_backward(self, d_y: torch.Tensor, block: HiddenLayer, saved: tuple) -> tuple[torch.Tensor, list]:
         if self.norm == "rms":
             h, inv = saved
             g_dy = d_y * block.gamma
@@ -308,43 +268,3 @@ class StackedMLP:
         sum_dxhat, sum_dxhat_xhat = d_xhat.sum(3, keepdim=True), (d_xhat * x_hat).sum(3, keepdim=True)
         d_h = (inv / n) * (n * d_xhat - sum_dxhat - x_hat * sum_dxhat_xhat)
         return d_h.view_as(d_y), [d_gamma, d_beta]
-
-
-def parameter_layouts(config: ModelConfig) -> list[str]:
-    """How each tensor of a model's `parameters()` is stacked (see `stack_as`), in that order."""
-    hidden_bias = (config.norm == "none") if config.hidden_bias is None else config.hidden_bias
-    norm = {"none": [], "rms": ["row"]}.get(config.norm, ["row", "row"])
-    block = ["transposed"] + (["row"] if hidden_bias else []) + norm
-    return ["as_is"] + block * config.n_layers + ["as_is"] + (["column"] if config.output_bias else [])
-
-
-def buffer_layouts(config: ModelConfig) -> list[str]:
-    """How each tensor of a model's `buffers()` (BatchNorm running statistics and counts) is stacked."""
-    return ["row", "row", "scalar"] * config.n_layers if config.norm == "batch" else []
-
-
-def stack_as(layout: str, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Stack one tensor of each of M models: "as_is" (M, ...), "transposed" weight (out, in) → (M, in, out) for
-    `bmm`, "row" vector (H,) → (M, 1, H) and "column" (V,) → (M, V, 1) for broadcasting, "scalar" → (M,)."""
-    tensors = [t.detach() for t in tensors]
-    if layout == "transposed":
-        return torch.stack([t.T for t in tensors]).contiguous()
-    stacked = torch.stack(tensors)
-    if layout == "row":
-        return stacked.unsqueeze(1).contiguous()
-    if layout == "column":
-        return stacked.unsqueeze(2).contiguous()
-    return stacked.contiguous()
-
-
-def unstack_as(layout: str, stacked: torch.Tensor, index: int) -> torch.Tensor:
-    """Model `index`'s tensor, in torch's layout, from a tensor stacked by `stack_as(layout, ...)`."""
-    part = stacked[index]
-    if layout == "transposed":
-        return part.T
-    return part.reshape(-1) if layout in ("row", "column") else part
-
-
-def per_model_view(values: Sequence[float], like: torch.Tensor) -> torch.Tensor:
-    """A (M, 1, 1) tensor of per-model values, for broadcasting over stacked parameters."""
-    return torch.tensor(list(values), dtype=like.dtype, device=like.device).view(-1, 1, 1)

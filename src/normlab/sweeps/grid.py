@@ -1,12 +1,10 @@
 """A grid of configurations trained at once, each into its own run directory: `normlab sweep`.
 
 The configurations (a preset, times every combination of the `--vary` values) go through the sweep runner, so
-those that share an architecture train in lockstep on the stacked path. Each lands in `OUT/<name>/` as a
+those that share an architecture train in lockstep on the stacked engine. Each lands in `OUT/<name>/` as a
 complete run directory (config, vocabulary, weights, metrics with full-split losses at the end, and with
-`diagnose`, diagnostics and a report), which `normlab sample`, `eval` and `report` read like any other run. The
-diagnostics of a grid run are recorded on snapshots of each model (one forward and backward pass on a fixed
-batch of training examples), so they have every statistic but the update:data ratio, which needs the
-optimizer's steps.
+`diagnose`, diagnostics recorded by a Monitor during training, as `normlab train --diagnose` records them, and
+a report), which `normlab sample`, `eval` and `report` read like any other run.
 """
 
 from __future__ import annotations
@@ -17,16 +15,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from normlab.checkpoint import RunDir
 from normlab.config import RunConfig, apply_override
-from normlab.data import Vocab
+from normlab.data import Splits, Vocab
 from normlab.errors import CheckpointError, ConfigError
-from normlab.pipeline import load_new_run_data, record_final_losses
-from normlab.sweep import SweepResult, SweepRun, run_sweep
-
-DIAGNOSTIC_BATCH = 256  # examples of the fixed batch the diagnostics of a grid run are recorded on
+from normlab.runs.commands import load_new_run_data, record_final_losses
+from normlab.runs.rundir import RunDir
+from normlab.sweeps.runner import SweepResult, SweepRun, run_sweep
 
 
 @dataclass
@@ -78,7 +72,7 @@ def train_grid(base: RunConfig, variations: dict[str, list[str]], out: str | Pat
                every: int | None = None, progress: bool = True) -> list[GridRun]:
     """Train every configuration of the grid into `out/<name>/`; returns them in grid order.
 
-    `diagnose` records diagnostics on snapshots every `every` steps (default: ten recordings a run).
+    `diagnose` records diagnostics every `every` steps (default: about ten recordings a run).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -96,39 +90,33 @@ def _train_group(group: list[tuple[str, RunConfig]], out: Path, diagnose: bool, 
                  progress: bool) -> list[GridRun]:
     first = group[0][1]
     vocab, splits = load_new_run_data(first)  # the configurations of a grid share their data
-    snapshots: list[int] = []
-    if diagnose:  # steps every run of the group reaches
-        shortest = min(config.train.steps for _, config in group)
-        snapshots = list(range(0, shortest + 1, every or max(1, shortest // 10)))
+    if diagnose and every is None:
+        every = max(1, min(config.train.steps for _, config in group) // 10)
     runs = [SweepRun(name, config.model, config.train) for name, config in group]
-    results = run_sweep(runs, splits, len(vocab), progress=progress, keep_models=True, snapshot_steps=snapshots)
-    generator = torch.Generator().manual_seed(first.train.seed)
-    batch = torch.randint(0, len(splits.train[0]), (DIAGNOSTIC_BATCH,), generator=generator)
-    diagnostic_batch = (splits.train[0][batch], splits.train[1][batch])
+    results = run_sweep(runs, splits, len(vocab), progress=progress, keep_models=True,
+                        diagnose_every=every if diagnose else None)
     landed = []
     for (name, config), result in zip(group, results):
         config.data = dataclasses.replace(config.data, path=first.data.path, sha256=first.data.sha256)
-        landed.append(_write_run(out / name, name, config, vocab, splits, result, diagnostic_batch))
+        landed.append(_write_run(out / name, name, config, vocab, splits, result))
     return landed
 
 
-def _write_run(path: Path, name: str, config: RunConfig, vocab: Vocab, splits, result: SweepResult,
-               diagnostic_batch: tuple[torch.Tensor, torch.Tensor]) -> GridRun:
+def _write_run(path: Path, name: str, config: RunConfig, vocab: Vocab, splits: Splits,
+               result: SweepResult) -> GridRun:
     run = RunDir.create(path, config, vocab)
-    if result.diverged_at is None:  # a diverged run keeps no weights: they are not finite
-        run.save_model(result.model, config.train.steps)
+    model = None if result.diverged_at is not None else result.model
+    if model is not None:  # a diverged run keeps no weights: they are not finite
+        run.save_model(result.state, config.train.steps)
     for row in result.rows:
         run.append_metrics(row)
     if result.diverged_at is not None:
         run.append_metrics({"event": "diverged", "step": result.diverged_at})
-    final = record_final_losses(run, None if result.diverged_at is not None else result.model, splits,
+    final = record_final_losses(run, model, splits,
                                 {"train": result.train_loss, "val": result.val_loss})  # the runner's, full splits
-    if result.snapshots:
-        from normlab.diagnostics import Diagnostics, inspect_model, save_diagnostics, write_report
+    if result.diagnostics is not None:
+        from normlab.diagnostics import save_diagnostics, write_report
 
-        diagnostics = Diagnostics()
-        for step, model in result.snapshots.items():
-            diagnostics.merge(inspect_model(model.train(), *diagnostic_batch, step=step))
-        save_diagnostics(diagnostics, run.path)
+        save_diagnostics(result.diagnostics, run.path)
         write_report(run.path)
     return GridRun(name, config, run.path, final, result.diverged_at)

@@ -1,23 +1,24 @@
-"""The sweep runner against the reference: every run of a sweep ends where `train.train` alone ends it."""
+"""The sweep runner against the reference: every run of a sweep ends where the reference engine alone ends it."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
 import pytest
 import torch
 
+from normlab.config import ModelConfig, TrainConfig
 from normlab.data import Vocab, load_words, make_splits
-from normlab.errors import ConfigError, TrainingDiverged
-from normlab.model import ModelConfig, build_model
-from normlab.sweep import SweepRun, run_sweep
-from normlab.train import TrainConfig, TrainEvents, evaluate, train
+from normlab.errors import ConfigError
+from normlab.model import build_model
+from normlab.sweeps.runner import SweepRun, run_sweep
+from normlab.training import LoopEvents, evaluate, train_loop
+from normlab.training.engines.reference import ReferenceEngine
 
 MODEL = ModelConfig(n_embd=4, n_hidden=16, init="kaiming", output_weight_scale=0.1, output_bias_scale=0.0)
 TRAIN = TrainConfig(steps=120, batch_size=8, eval_every=40, eval_examples=200, checkpoint_every=1000)
-TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # float32 over 120 steps: the stacked path's rounding differs slightly
+TOLERANCE = dict(rtol=1e-4, atol=1e-5)  # float32 over 120 steps: the stacked engine's rounding differs slightly
 
 
 @pytest.fixture(autouse=True)
@@ -37,17 +38,19 @@ def data(words_file):
 
 
 def _alone(run: SweepRun, splits, vocab_size: int):
-    """The reference: the run trained by itself with `train.train`."""
+    """The reference: the run trained by itself on the reference engine; (model, rows, divergences)."""
     model = build_model(run.model, vocab_size, seed=run.train.seed)
     if run.prepare is not None:
         run.prepare(model)
     rows: list[dict] = []
-    train(model, splits.train, splits.val, run.train, events=TrainEvents(log=rows.append), progress=False)
-    return model, rows
+    engine = ReferenceEngine(model, run.train, splits.train)
+    diverged = train_loop(engine, [run.train], splits.train, splits.val, progress=False,
+                          events=LoopEvents(log=lambda _, row: rows.append(row)))
+    return model, rows, diverged
 
 
 def _runs() -> list[SweepRun]:
-    """Two stackable groups (no norm: three runs; BatchNorm: two), and a run only the reference loop takes."""
+    """Two stackable groups (no norm: three runs; BatchNorm: two), and a run only the reference engine takes."""
     return [SweepRun("none lr 0.1", MODEL, TRAIN),
             SweepRun("none lr 0.3 seed 5", MODEL, dataclasses.replace(TRAIN, lr=0.3, seed=5)),
             SweepRun("none relu", dataclasses.replace(MODEL, activation="relu", weight_scale=0.5), TRAIN),
@@ -73,9 +76,9 @@ def test_a_sweep_ends_every_run_where_training_it_alone_ends(data):
     runs = _runs()
     results = run_sweep(runs, splits, len(vocab), progress=False, keep_models=True, group_size=2)
     assert [r.name for r in results] == [run.name for run in runs]
-    assert [r.stacked for r in results] == [True] * 5 + [False]
+    assert [r.engine for r in results] == ["stacked"] * 5 + ["reference"]
     for run, result in zip(runs, results):
-        model, rows = _alone(run, splits, len(vocab))
+        model, rows, _ = _alone(run, splits, len(vocab))
         _assert_same(result, model, rows, splits)
 
 
@@ -89,21 +92,17 @@ def test_two_processes_give_the_results_of_one(data):
                                                                               b.rows[-1]["val_loss"])
 
 
-def _diverging_step(run: SweepRun, splits, vocab_size: int) -> int:
-    with pytest.raises(TrainingDiverged) as raised:
-        _alone(run, splits, vocab_size)
-    return int(re.search(r"at step (\d+)", str(raised.value)).group(1))
-
-
-@pytest.mark.parametrize("fast", [True, False])
-def test_a_diverged_run_is_a_result_with_its_step_and_the_others_go_on(data, fast):
+@pytest.mark.parametrize("engine", ["stacked", "reference"])
+def test_a_diverged_run_is_a_result_with_its_step_and_the_others_go_on(data, engine):
     vocab, splits = data
-    exploding = dataclasses.replace(TRAIN, lr=1e38, fast=fast)  # the first updates overflow float32
-    runs = [SweepRun("explodes", MODEL, exploding), SweepRun("fine", MODEL, dataclasses.replace(TRAIN, fast=fast))]
+    exploding = dataclasses.replace(TRAIN, lr=1e38, engine=engine)  # the first updates overflow float32
+    runs = [SweepRun("explodes", MODEL, exploding), SweepRun("fine", MODEL, dataclasses.replace(TRAIN, engine=engine))]
     results = run_sweep(runs, splits, len(vocab), progress=False, keep_models=True)
-    assert results[0].diverged_at == _diverging_step(runs[0], splits, len(vocab))
+    _, _, diverged = _alone(dataclasses.replace(runs[0], train=dataclasses.replace(exploding, engine="reference")),
+                            splits, len(vocab))
+    assert results[0].diverged_at == diverged[0].step
     assert math.isnan(results[0].train_loss) and math.isnan(results[0].val_loss)
-    model, rows = _alone(runs[1], splits, len(vocab))
+    model, rows, _ = _alone(runs[1], splits, len(vocab))
     _assert_same(results[1], model, rows, splits)
 
 
@@ -113,9 +112,10 @@ def test_snapshots_hold_the_model_after_each_requested_step(data):
     result = run_sweep([run], splits, len(vocab), progress=False, keep_models=True, snapshot_steps=[0, 40, 120])
     assert sorted(result[0].snapshots) == [0, 40, 120]
     initial = build_model(MODEL, len(vocab), seed=TRAIN.seed)
-    partial, _ = _alone(dataclasses.replace(run, train=dataclasses.replace(run.train, steps=40)), splits, len(vocab))
+    partial, _, _ = _alone(dataclasses.replace(run, train=dataclasses.replace(run.train, steps=40)), splits,
+                           len(vocab))
     for expected, step in ((initial, 0), (partial, 40), (result[0].model, 120)):
-        for (name, a), b in zip(expected.state_dict().items(), result[0].snapshots[step].state_dict().values()):
+        for (name, a), b in zip(expected.state_dict().items(), result[0].snapshot(step).state_dict().values()):
             torch.testing.assert_close(b, a, **TOLERANCE, msg=f"step {step}: {name}")
 
 

@@ -1,10 +1,12 @@
-"""The run directory: config, vocabulary, weights, optimizer state and metrics, in safetensors and JSON.
+"""The run directory, the one module that knows its files: config, vocabulary, weights, optimizer state, metrics.
 
     RUN/config.json            the RunConfig
     RUN/vocab.json             {"itos": [".", "a", ...]}
     RUN/model.safetensors      the model's state_dict; metadata: format, step
     RUN/optimizer.safetensors  the optimizer's tensors; metadata: format, step, the rest of its state as JSON
     RUN/metrics.jsonl          one JSON object a line: periodic losses, then {"event": "final", ...}
+    RUN/diagnostics/           with --diagnose: what `normlab.diagnostics` recorded
+    RUN/report.html            the report
 
 Every file is written to a temporary name and moved into place with `os.replace`, so a crash or Ctrl-C never
 leaves a half-written file where a good one was. Nothing is ever unpickled.
@@ -26,10 +28,12 @@ from normlab.config import RunConfig
 from normlab.data import Vocab
 from normlab.errors import CheckpointError, NormlabError
 from normlab.files import atomic_write
-from normlab.model import LanguageModel, build_model
+from normlab.model import LanguageModel, build_model, state_shapes
 
 CONFIG, VOCAB, MODEL, OPTIMIZER, METRICS = (
     "config.json", "vocab.json", "model.safetensors", "optimizer.safetensors", "metrics.jsonl")
+DIAGNOSTICS, REPORT = "diagnostics", "report.html"
+OPTIMIZER_CLASSES = {"sgd": "SGD", "adamw": "AdamW"}
 MODEL_FORMAT, OPTIMIZER_FORMAT = "normlab-model-1", "normlab-optimizer-1"
 
 
@@ -48,8 +52,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, metadata
 
 
-def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer, step: int) -> bytes:
-    state = optimizer.state_dict()
+def _optimizer_to_safetensors(state: dict[str, Any], class_name: str, step: int) -> bytes:
     tensors, other = {}, {}
     for index, values in state["state"].items():
         for key, value in values.items():
@@ -57,7 +60,7 @@ def _optimizer_to_safetensors(optimizer: torch.optim.Optimizer, step: int) -> by
                 tensors[f"state.{index}.{key}"] = value.detach().contiguous().clone()
             else:
                 other[f"{index}.{key}"] = value
-    metadata = {"format": OPTIMIZER_FORMAT, "step": str(step), "class": type(optimizer).__name__,
+    metadata = {"format": OPTIMIZER_FORMAT, "step": str(step), "class": class_name,
                 "param_groups": json.dumps(state["param_groups"]), "state": json.dumps(other)}
     return save_safetensors(tensors, metadata=metadata)
 
@@ -71,6 +74,34 @@ def _optimizer_state_from(tensors: dict[str, torch.Tensor], metadata: dict[str, 
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
     return {"state": state, "param_groups": json.loads(metadata["param_groups"])}
+
+
+def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
+    """Every row of `RUN/metrics.jsonl` (empty if there is none); a line that is not a JSON object raises
+    `CheckpointError` naming it."""
+    path = Path(run_path) / METRICS
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise CheckpointError(f"{path} line {number} is not valid JSON") from None
+            if not isinstance(row, dict):
+                raise CheckpointError(f"{path} line {number} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def read_config_json(run_path: str | Path) -> dict[str, Any] | None:
+    """The raw JSON object of `RUN/config.json`, or None if it is missing or unreadable (for display)."""
+    try:
+        value = json.loads((Path(run_path) / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
 
 
 @dataclass
@@ -109,15 +140,18 @@ class RunDir:
             raise CheckpointError(f"{path}: {error}") from None
         return cls(path, config, vocab)
 
-    def save_checkpoint(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, step: int) -> None:
-        """Write the optimizer state, then the model, each atomically, both stamped with `step`."""
-        if optimizer is not None:
-            atomic_write(self.path / OPTIMIZER, _optimizer_to_safetensors(optimizer, step))
-        self.save_model(model, step)
+    def save_checkpoint(self, model_state: dict[str, torch.Tensor], optimizer_state: dict[str, Any] | None,
+                        step: int) -> None:
+        """Write the optimizer state (torch's state-dict format), then the model's, each atomically, both stamped
+        with `step`."""
+        if optimizer_state is not None:
+            class_name = OPTIMIZER_CLASSES[self.config.train.optimizer]
+            atomic_write(self.path / OPTIMIZER, _optimizer_to_safetensors(optimizer_state, class_name, step))
+        self.save_model(model_state, step)
 
-    def save_model(self, model: torch.nn.Module, step: int, **metadata: str) -> None:
-        """Write `model.safetensors` atomically."""
-        tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    def save_model(self, model_state: dict[str, torch.Tensor], step: int, **metadata: str) -> None:
+        """Write `model.safetensors` atomically from a state dict."""
+        tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
         meta = {"format": MODEL_FORMAT, "step": str(step), **metadata}
         atomic_write(self.path / MODEL, save_safetensors(tensors, metadata=meta))
 
@@ -125,35 +159,46 @@ class RunDir:
         """The step stamped on `model.safetensors`."""
         return int(_read_safetensors(self.path / MODEL)[1].get("step", "0"))
 
-    def load_model(self, device: str = "cpu") -> tuple[LanguageModel, int]:
-        """Build the model of `config.json` and load `model.safetensors` into it; returns (model, step)."""
+    def load_state(self) -> tuple[dict[str, torch.Tensor], int]:
+        """The weights of `model.safetensors` as a state dict, and their step (no module is built). Every key,
+        shape and dtype is checked against the model of `config.json` first."""
         tensors, metadata = _read_safetensors(self.path / MODEL)
         if metadata.get("format") != MODEL_FORMAT:
             raise CheckpointError(f"{self.path / MODEL} is not a normlab model checkpoint "
                                   f"(format {metadata.get('format')!r}, expected {MODEL_FORMAT!r})")
-        model = build_model(self.config.model, len(self.vocab), seed=self.config.train.seed)
-        try:
-            model.load_state_dict(tensors, strict=True)
-        except RuntimeError as error:
-            detail = " ".join(str(error).split())
-            raise CheckpointError(f"{self.path / MODEL} does not match {self.path / CONFIG}: {detail}. The "
-                                  "config or the weights were changed after training; restore the pair") from None
-        return model.to(device), int(metadata.get("step", "0"))
+        expected = state_shapes(self.config.model, len(self.vocab))
+        problems = [f"missing {key}" for key in expected if key not in tensors]
+        problems += [f"unexpected {key}" for key in tensors if key not in expected]
+        problems += [f"{key} is {tuple(tensors[key].shape)} {tensors[key].dtype}, expected {shape} {dtype}"
+                     for key, (shape, dtype) in expected.items()
+                     if key in tensors and (tuple(tensors[key].shape), tensors[key].dtype) != (shape, dtype)]
+        if problems:
+            shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+            raise CheckpointError(f"{self.path / MODEL} does not match {self.path / CONFIG} ({shown}): the config or "
+                                  "the weights were changed after training; restore the pair")
+        return tensors, int(metadata.get("step", "0"))
 
-    def load_optimizer(self, optimizer: torch.optim.Optimizer, expected_step: int) -> None:
-        """Load `optimizer.safetensors` into `optimizer`; its step must equal the model's."""
+    def load_model(self, device: str = "cpu") -> tuple[LanguageModel, int]:
+        """Build the model of `config.json` and load `model.safetensors` into it; returns (model, step)."""
+        tensors, step = self.load_state()
+        model = build_model(self.config.model, len(self.vocab), seed=self.config.train.seed)
+        model.load_state_dict(tensors, strict=True)
+        return model.to(device), step
+
+    def load_optimizer_state(self, expected_step: int) -> dict[str, Any]:
+        """The state of `optimizer.safetensors` in torch's state-dict format; its step must equal the model's."""
         tensors, metadata = _read_safetensors(self.path / OPTIMIZER)
-        if metadata.get("format") != OPTIMIZER_FORMAT or metadata.get("class") != type(optimizer).__name__:
-            raise CheckpointError(f"{self.path / OPTIMIZER} holds no {type(optimizer).__name__} state "
-                                  "for this run's config")
+        class_name = OPTIMIZER_CLASSES[self.config.train.optimizer]
+        if metadata.get("format") != OPTIMIZER_FORMAT or metadata.get("class") != class_name:
+            raise CheckpointError(f"{self.path / OPTIMIZER} holds no {class_name} state for this run's config")
         if int(metadata["step"]) != expected_step:
             raise CheckpointError(f"{self.path / OPTIMIZER} is from step {metadata['step']} but the model is from "
                                   f"step {expected_step}: the run was stopped while saving; it cannot be resumed "
                                   "exactly (the model is still usable for sample and eval)")
         try:
-            optimizer.load_state_dict(_optimizer_state_from(tensors, metadata))
-        except (ValueError, KeyError, RuntimeError) as error:
-            raise CheckpointError(f"{self.path / OPTIMIZER} does not match the model: {error}") from None
+            return _optimizer_state_from(tensors, metadata)
+        except (ValueError, KeyError) as error:
+            raise CheckpointError(f"{self.path / OPTIMIZER} is malformed: {error}") from None
 
     def append_metrics(self, row: dict[str, Any]) -> None:
         """Append one row to `metrics.jsonl`."""
@@ -162,17 +207,7 @@ class RunDir:
 
     def read_metrics(self) -> list[dict[str, Any]]:
         """Every row of `metrics.jsonl` (empty if there is none); unreadable lines raise `CheckpointError`."""
-        path = self.path / METRICS
-        if not path.is_file():
-            return []
-        rows = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise CheckpointError(f"{path} line {number} is not valid JSON") from None
-        return rows
+        return read_metrics(self.path)
 
     def keep_metrics_until(self, step: int) -> None:
         """Drop metrics rows after `step` (and any final row), so a resumed run does not repeat them."""

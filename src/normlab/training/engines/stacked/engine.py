@@ -1,0 +1,209 @@
+"""The stacked engine: M models of one MLP architecture in lockstep, a hand-written backward, optionally compiled.
+
+Each model follows the trajectory the reference engine would give it alone (same batches, same SGD/AdamW
+arithmetic as torch.optim), within float rounding. What differs is the cost of a step: the M models share every
+operation (`StackedMLP`), the optimizer updates every model with one operation per tensor
+(`StackedOptimizer`), and runs with enough work compile `steps_per_call` steps into one call (fused kernels
+called from C++, the batch gathered inside the call). Diagnostics are recorded on twins: on a recording step,
+a reference model per stacked model takes that model's exact state and runs the same step with torch.optim
+under a `Monitor`, so every statistic, update:data included, is the reference engine's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from normlab.config import ModelConfig, TrainConfig
+from normlab.model import LanguageModel, build_model
+from normlab.training.engines import Engine, Split
+from normlab.training.engines.stacked.model import StackedMLP
+from normlab.training.engines.stacked.optim import StackedOptimizer
+from normlab.training.threads import work_per_step
+
+STEPS_PER_CALL = 10  # steps per compiled call (measured best on 2 cores); divides the loop's sync interval
+# Compile when a run's work (steps × models × batch × width) is at least this: about a minute of eager steps on
+# 2 cores, enough to repay the ~20 s compilation (the lesson's recipe is 1.3e9; the `fast` preset, 2.6e8, is not).
+COMPILE_MIN_WORK = 6e8
+AUTOTUNE_MIN_WORK = 2**17  # per step; above it (32 lesson models and up) inductor's autotuning pays
+COMPILE_OPTIONS = {"cpp_wrapper": True}  # kernels called from C++, not Python: less overhead per step
+# For large stacks, let inductor time its own C++ matrix-product templates against ATen's and keep the faster:
+# measured here, +7% steps/s for 32 lesson models at the price of ~20 s more compilation; none for one model.
+AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                    "max_autotune_report_choices_stats": False}
+
+
+def should_compile(config: TrainConfig, work: int) -> bool:
+    """`config.compile`, or when None, whether the run's work (`work` per step, times the steps) repays the
+    compilation."""
+    if config.compile is not None:
+        return config.compile
+    return config.steps * work >= COMPILE_MIN_WORK
+
+
+class StackedEngine(Engine):
+    """Trains M stacked models; see the module notes."""
+
+    def __init__(self, models: Sequence[ModelConfig], trains: Sequence[TrainConfig], vocab_size: int,
+                 train_xy: Split, states: Sequence[Mapping[str, torch.Tensor]], *,
+                 optimizer_states: Sequence[dict[str, Any]] | None = None, step: int = 0) -> None:
+        self.model_configs, self.train_configs = list(models), list(trains)
+        self.vocab_size = vocab_size
+        self.num_models = len(models)
+        self.stacked = StackedMLP.from_state_dicts(models, states, vocab_size)
+        self.device = self.stacked.embedding.device
+        self.optimizer = StackedOptimizer(self.stacked, trains)
+        if optimizer_states is not None:
+            self.optimizer.load_state_dicts(optimizer_states, step)
+        self.x, self.y = train_xy[0].to(self.device), train_xy[1].to(self.device)
+        self.limits = None
+        if any(config.grad_clip is not None for config in trains):
+            self.limits = torch.tensor([math.inf if c.grad_clip is None else c.grad_clip for c in trains],
+                                       dtype=self.stacked.embedding.dtype, device=self.device)
+        work = work_per_step(models, trains[0].batch_size)
+        self._compiled = None
+        if should_compile(trains[0], work):
+            options = COMPILE_OPTIONS | (AUTOTUNE_OPTIONS if work > AUTOTUNE_MIN_WORK else {})
+            self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
+            self.steps_per_call = STEPS_PER_CALL
+        self.monitors: list[Any] = []
+        self._twins: list[tuple[LanguageModel, torch.optim.Optimizer]] = []
+
+    @property
+    def compiled(self) -> bool:
+        """Whether calls of `steps_per_call` steps run compiled."""
+        return self._compiled is not None
+
+    # ------------------------------------------------------------------------------------------------- steps
+    def _one(self, index: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+        """One step on the training examples `index` (M, B) with learning rates (M,); the losses (M,) before the
+        update. (The gather happens here, inside a compiled call, fused with the embedding lookup.)"""
+        factored = self.limits is None and self.optimizer.takes_factored_gradients
+        rows = self.stacked.rows(self.x[index])  # (M, B, T)
+        loss, grads = self.stacked.loss_and_gradients(None, self.y[index], rows=rows, factored=factored)
+        if self.limits is not None:
+            _clip_per_model(grads, self.limits)
+        self.optimizer.step(grads, rates)
+        return loss
+
+    def _steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self._one(indices[k], rates[k]) for k in range(indices.shape[0])])
+
+    def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+        """K steps (indices (K, M, B), rates (K, M)); a call of `steps_per_call` steps runs compiled (compiled on
+        first use; if compilation fails, training continues eagerly with a warning)."""
+        rates = rates.to(self.device, self.stacked.embedding.dtype)
+        if self._compiled is not None and len(indices) == self.steps_per_call:
+            try:
+                with _quiet_autotuning():
+                    return self._compiled(indices, rates)
+            except Exception as error:  # no C++ compiler, an unsupported platform...: eager is always right
+                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
+                              "training continues uncompiled", RuntimeWarning, stacklevel=2)
+                self._compiled, self.steps_per_call = None, 1
+        return self._steps(indices, rates)
+
+    # ------------------------------------------------------------------------------------------------- state
+    def model_state(self, index: int) -> dict[str, torch.Tensor]:
+        return self.stacked.state_dict(index)
+
+    def optimizer_state(self, index: int) -> dict[str, Any]:
+        return self.optimizer.state_dict(index)
+
+    def modules(self) -> list[LanguageModel]:
+        """New `LanguageModel`s holding copies of the current weights."""
+        models = []
+        for index, config in enumerate(self.model_configs):
+            model = build_model(config, self.vocab_size, dtype=self.stacked.embedding.dtype).to(self.device)
+            model.load_state_dict(self.stacked.state_dict(index))
+            models.append(model)
+        return models
+
+    @torch.no_grad()
+    def evaluate(self, splits: Sequence[Split], batch_size: int = 8192) -> list[float]:
+        """Mean cross-entropy of each model i on its own split (x_i, y_i), in eval mode (NaN for an empty split)."""
+        sizes = {len(x) for x, _ in splits}
+        if sizes == {0}:
+            return [float("nan")] * len(splits)
+        if len(sizes) > 1:  # different sizes cannot share one stacked forward: one model at a time
+            from normlab.training.evaluation import evaluate
+
+            return [evaluate(model, *split) for model, split in zip(self.modules(), splits)]
+        total = torch.zeros(len(splits), dtype=torch.float64, device=self.device)
+        n = sizes.pop()
+        for start in range(0, n, batch_size):
+            contexts = torch.stack([x[start:start + batch_size] for x, _ in splits]).to(self.device)
+            targets = torch.stack([y[start:start + batch_size] for _, y in splits]).to(self.device)
+            logits, _ = self.stacked.forward(contexts, training=False)
+            log_probs = torch.log_softmax(logits.double(), dim=2)
+            total -= log_probs.gather(2, targets.unsqueeze(2)).sum((1, 2))
+        return (total / n).tolist()
+
+    # ------------------------------------------------------------------------------------------- diagnostics
+    def attach_monitors(self, every: int, **options: Any) -> list[Any]:
+        """A Monitor per model, on a reference twin of it (see the module notes)."""
+        from normlab.diagnostics import Monitor
+        from normlab.training.optimizers import make_optimizer
+
+        self._twins, self.monitors = [], []
+        for model in self.modules():
+            optimizer = make_optimizer(model.parameters(), self.train_configs[len(self._twins)])
+            self._twins.append((model, optimizer))
+            self.monitors.append(Monitor(model, optimizer, every=every, **options))
+        return self.monitors
+
+    def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> None:
+        """Each twin takes its model's weights and optimizer state and runs step `step` under its monitor; the
+        stacked models are left untouched (the loop then trains the step)."""
+        from normlab.training.engines.reference import reference_step
+
+        for index, ((model, optimizer), monitor) in enumerate(zip(self._twins, self.monitors)):
+            state = self.stacked.state_dict(index)
+            with torch.no_grad():
+                for name, value in model.state_dict().items():
+                    value.copy_(state[name])
+            _load_optimizer_state(optimizer, self.optimizer.state_dict(index))
+            monitor.begin_step(step)
+            loss = reference_step(model, optimizer, self.x[indices[index]], self.y[indices[index]],
+                                  float(rates[index]), self.train_configs[index].grad_clip)
+            monitor.end_step(loss)
+        return None
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Copy a torch-format state (`StackedOptimizer.state_dict`) into `optimizer` in place, without the deep
+    copies of `load_state_dict`."""
+    params = optimizer.param_groups[0]["params"]
+    for position, values in state["state"].items():
+        target = optimizer.state[params[position]]
+        for name, value in values.items():
+            if name in target and isinstance(value, torch.Tensor) and target[name].shape == value.shape:
+                target[name].copy_(value)
+            else:
+                target[name] = value.clone() if isinstance(value, torch.Tensor) else value
+
+
+def _clip_per_model(grads: list[torch.Tensor], limits: torch.Tensor) -> None:
+    """torch.nn.utils.clip_grad_norm_ for each model separately: scale its gradients to at most its max norm."""
+    squares = sum(g.square().sum(dim=tuple(range(1, g.dim()))) for g in grads)  # (M,)
+    coef = (limits / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    for grad in grads:
+        grad.mul_(coef.view((-1,) + (1,) * (grad.dim() - 1)))
+
+
+@contextlib.contextmanager
+def _quiet_autotuning() -> Iterator[None]:
+    """Keep inductor from printing its autotuning tables to stderr while it compiles (restored afterwards)."""
+    from torch._inductor import select_algorithm
+
+    previous = select_algorithm.PRINT_AUTOTUNE
+    select_algorithm.PRINT_AUTOTUNE = False
+    try:
+        yield
+    finally:
+        select_algorithm.PRINT_AUTOTUNE = previous

@@ -1,0 +1,126 @@
+"""The stacked engine against the reference engine (the specification), and the choice between them."""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from normlab.config import ModelConfig, TrainConfig, get_preset
+from normlab.errors import ConfigError
+from normlab.model import build_model
+from normlab.training import LoopEvents, choose_engine, create_engine, train_loop
+from normlab.training.optimizers import make_optimizer
+
+from .helpers import TRAIN_XY, VAL_XY, VOCAB
+
+BASE = TrainConfig(steps=60, batch_size=16, eval_every=30, checkpoint_every=1000, eval_examples=100)
+
+
+def _train(models, configs, dtype=torch.float64, every=None):
+    engine = create_engine(models, configs, VOCAB, TRAIN_XY, dtype=dtype)
+    if every is not None:
+        engine.attach_monitors(every)
+    rows = {i: [] for i in range(len(models))}
+    train_loop(engine, configs, TRAIN_XY, VAL_XY, progress=False,
+               events=LoopEvents(log=lambda i, row: rows[i].append(row)))
+    engine.close()
+    return engine, rows
+
+
+@pytest.mark.parametrize("changes", [
+    {},
+    {"momentum": 0.9, "weight_decay": 1e-3, "schedule": "cosine", "warmup_steps": 10},
+    {"optimizer": "adamw", "lr": 1e-2, "weight_decay": 0.1, "grad_clip": 0.5},
+])
+def test_stacked_models_follow_their_reference_runs(changes):
+    models = [dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=24, bn_momentum=m)
+              for m in (0.1, 0.01, 0.3)]
+    configs = [dataclasses.replace(BASE, seed=seed, lr=lr, engine="stacked",
+                                   **{k: v for k, v in changes.items() if k != "lr"})
+               for seed, lr in ((1, changes.get("lr", 0.1)), (2, changes.get("lr", 0.05)), (3, 0.02))]
+    stacked, logged = _train(models, configs)
+    for i, (model, config) in enumerate(zip(models, configs)):
+        reference, rows = _train([model], [dataclasses.replace(config, engine="reference")])
+        for (name, a), b in zip(reference.model_state(0).items(), stacked.model_state(i).values()):
+            torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
+        assert [r["step"] for r in rows[0]] == [r["step"] for r in logged[i]] == [30, 60]
+        for row, other in zip(rows[0], logged[i]):
+            assert row["val_loss"] == pytest.approx(other["val_loss"], rel=1e-9)
+        # the stacked optimizer's state, in torch's format, loads into torch's own optimizer and equals its state
+        exported = stacked.optimizer_state(i)
+        optimizer = make_optimizer(build_model(model, VOCAB).double().parameters(), config)
+        optimizer.load_state_dict(exported)
+        for key, values in reference.optimizer_state(0)["state"].items():
+            for name, value in values.items():
+                torch.testing.assert_close(optimizer.state_dict()["state"][key][name].to(value), value, rtol=1e-9,
+                                           atol=1e-10)
+
+
+@pytest.mark.parametrize("norm", ["none", "batch", "layer", "rms"])
+def test_stacked_diagnostics_equal_the_reference_engines_in_float64(norm):
+    """The Monitor's statistics on the stacked engine (twins) equal those recorded on the reference engine."""
+    model = dataclasses.replace(get_preset("lesson-kaiming").model, n_hidden=24, norm=norm)
+    config = dataclasses.replace(BASE, optimizer="adamw", lr=1e-2, grad_clip=1.0)
+    recorded = {}
+    for name in ("reference", "stacked"):
+        engine, _ = _train([model], [dataclasses.replace(config, engine=name)], every=7)
+        recorded[name] = engine.monitors[0].diagnostics
+    reference, stacked = recorded["reference"], recorded["stacked"]
+    assert reference.steps() == stacked.steps() == list(range(0, 60, 7))
+    expected = {(step, layer, metric): value for step, layer, metric, value in reference.rows()}
+    actual = {(step, layer, metric): value for step, layer, metric, value in stacked.rows()}
+    assert expected.keys() == actual.keys() and any(key[2] == "update_to_data" for key in expected)
+    for key, value in expected.items():
+        assert actual[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+
+
+def test_compiled_calls_follow_the_eager_steps():
+    """The torch.compile'd calls of ten steps against one step at a time, in float32: equal within rounding."""
+    model = dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=24)
+    results = []
+    for compile in (False, True):
+        config = dataclasses.replace(BASE, steps=40, eval_every=40, momentum=0.9, compile=compile, engine="stacked")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            engine, _ = _train([model], [config], dtype=None)
+        if any("torch.compile failed" in str(w.message) for w in caught):
+            pytest.skip("torch.compile is not available here (no C++ compiler?): the eager path is used instead")
+        results.append(engine.model_state(0))
+    assert counters["stats"]["unique_graphs"] >= 1  # the calls really ran through torch.compile
+    for (name, a), b in zip(results[0].items(), results[1].values()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_stacked_engine_starts_from_and_returns_reference_state_dicts():
+    models = [dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=8)] * 2
+    states = [build_model(m, VOCAB, seed=s).state_dict() for m, s in zip(models, (1, 2))]
+    engine = create_engine(models, [dataclasses.replace(BASE, engine="stacked")] * 2, VOCAB, TRAIN_XY, states=states)
+    for index, state in enumerate(states):
+        mine = engine.model_state(index)
+        assert list(mine) == list(state)
+        for key in state:
+            assert torch.equal(mine[key], state[key]), key
+        module = engine.modules()[index]
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, state[key]), key
+
+
+def test_auto_chooses_the_stacked_engine_where_it_runs_and_the_reference_elsewhere():
+    train = TrainConfig()
+    assert choose_engine(get_preset("lesson-batchnorm").model, train) == "stacked"
+    assert choose_engine(get_preset("wavenet").model, train) == "reference"
+    assert choose_engine(get_preset("lesson-deep").model, train) == "reference"
+    assert choose_engine(get_preset("lesson-batchnorm").model, TrainConfig(engine="reference")) == "reference"
+    with pytest.raises(ConfigError, match="engine=stacked cannot run a norm after the output layer"):
+        choose_engine(get_preset("lesson-deep").model, TrainConfig(engine="stacked"))
+
+
+def test_models_trained_at_once_must_share_the_architecture_and_the_shared_train_fields():
+    with pytest.raises(ConfigError, match="share their architecture"):
+        create_engine([ModelConfig(n_hidden=8), ModelConfig(n_hidden=9)], [BASE, BASE], VOCAB, TRAIN_XY)
+    with pytest.raises(ConfigError, match="share their architecture"):
+        create_engine([ModelConfig()] * 2, [BASE, dataclasses.replace(BASE, batch_size=8)], VOCAB, TRAIN_XY)
