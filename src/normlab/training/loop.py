@@ -197,11 +197,10 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
         while step < first.steps:
             k = batches.at(step)
             losses, size = None, 1
-            if engine.records(step):
+            if engine.records(step):  # observed (then trained below, maybe in a call of several steps) or trained
                 losses = engine.record_step(step, batches.indices[:, k], batches.rates[k])
-            else:
-                size = call_size(step, k)
             if losses is None:
+                size = call_size(step, k)
                 losses = engine.run_steps(batches.indices[:, k:k + size].transpose(0, 1), batches.rates[k:k + size])
             window.record(step, losses)
             step += size

@@ -66,7 +66,7 @@ class StackedEngine(Engine):
             self.limits = torch.tensor([math.inf if c.grad_clip is None else c.grad_clip for c in trains],
                                        dtype=self.stacked.embedding.dtype, device=self.device)
         work = work_per_step(models, trains[0].batch_size)
-        self._compiled = None
+        self._compiled, self._compiled_calls = None, False
         if should_compile(trains[0], work):
             options = COMPILE_OPTIONS | (AUTOTUNE_OPTIONS if work > AUTOTUNE_MIN_WORK else {})
             self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
@@ -100,8 +100,12 @@ class StackedEngine(Engine):
         rates = rates.to(self.device, self.stacked.embedding.dtype)
         if self._compiled is not None and len(indices) == self.steps_per_call:
             try:
-                with _quiet_autotuning():
+                if self._compiled_calls:
                     return self._compiled(indices, rates)
+                with _quiet_autotuning():  # the first call compiles
+                    losses = self._compiled(indices, rates)
+                self._compiled_calls = True
+                return losses
             except Exception as error:  # no C++ compiler, an unsupported platform...: eager is always right
                 warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                               "training continues uncompiled", RuntimeWarning, stacklevel=2)
