@@ -97,6 +97,15 @@ CASES: list[Case] = [
            normlab_kwargs={"closed_form_backward": True})
       for name, kwargs in _BATCH_NORM_OPTIONS.items()
       for rank, shape in ((2, (6, 3)), (3, (3, 3, 4)))),
+    *(Case(f"BatchNorm2d-{name}", layer("BatchNorm2d", 3, **kwargs), (3, 3, 2, 4))
+      for name, kwargs in _BATCH_NORM_OPTIONS.items()),
+    *(Case(f"BatchNorm3d-{name}", layer("BatchNorm3d", 3, **kwargs), (2, 3, 2, 3, 2))
+      for name, kwargs in _BATCH_NORM_OPTIONS.items()),
+    Case("BatchNorm2d-closed-form", layer("BatchNorm2d", 3), (3, 3, 2, 2),
+         normlab_kwargs={"closed_form_backward": True}),
+    Case("BatchNorm3d-closed-form-momentum-None", layer("BatchNorm3d", 2, momentum=None), (2, 2, 2, 2, 3),
+         normlab_kwargs={"closed_form_backward": True}),
+    Case("BatchNorm2d-one-value-per-image", layer("BatchNorm2d", 3), (4, 3, 1, 1)),
     # with two values per channel x̂ = ±√(σ²/(σ²+ε)) and dx is all cancellation: float32 results (torch's
     # included) are off by ~1e-2 from the float64 truth, so only float64 can be held to the bar
     Case("BatchNorm1d-batch-of-2", layer("BatchNorm1d", 3), (2, 3), dtypes=(torch.float64,)),

@@ -73,6 +73,17 @@ BAD_INPUTS = [
     BadInput("bn-running_mean-None-eval", _without("running_mean"), eval=True, mentions="evaluation mode"),
     BadInput("bn-negative-num_features", lambda nn: nn.BatchNorm1d(-1), mentions="negative dimension"),
     BadInput("bn-float-num_features", lambda nn: nn.BatchNorm1d(2.5)),
+    # BatchNorm2d, BatchNorm3d
+    BadInput("bn2d-3d-input", lambda nn: nn.BatchNorm2d(3), lambda: torch.randn(2, 3, 4), mentions="got 3D"),
+    BadInput("bn2d-5d-input", lambda nn: nn.BatchNorm2d(3), lambda: torch.randn(2, 3, 1, 2, 2),
+             mentions="(N, C, H, W)"),
+    BadInput("bn2d-one-value-per-channel", lambda nn: nn.BatchNorm2d(3), lambda: torch.randn(1, 3, 1, 1),
+             mentions="more than 1 value"),
+    BadInput("bn2d-channels-eval", lambda nn: nn.BatchNorm2d(5), lambda: torch.randn(2, 3, 2, 2), eval=True,
+             mentions="not 5"),
+    BadInput("bn3d-4d-input", lambda nn: nn.BatchNorm3d(3), lambda: torch.randn(2, 3, 4, 4), mentions="got 4D"),
+    BadInput("bn3d-integer-input", lambda nn: nn.BatchNorm3d(3), _integers((2, 3, 1, 2, 2)),
+             mentions="torch.int64"),
     # LayerNorm
     BadInput("ln-trailing-shape", lambda nn: nn.LayerNorm(4), mentions="[4, 3]"),
     BadInput("ln-too-few-axes", lambda nn: nn.LayerNorm((2, 3)), lambda: torch.randn(3), mentions="size [3]"),

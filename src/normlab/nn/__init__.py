@@ -9,6 +9,7 @@ batch norm with a hand-derived backward. `Module` is torch's, re-exported for mo
 from torch.nn import Module
 
 from normlab.nn import functional, init
+from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from normlab.nn.layers import (
     LINEAR_INITS,
     Embedding,
@@ -19,11 +20,13 @@ from normlab.nn.layers import (
     Sequential,
     Tanh,
 )
-from normlab.nn.norm import BatchNorm1d, GroupNorm, LayerNorm, RMSNorm
+from normlab.nn.norm import GroupNorm, LayerNorm, RMSNorm
 
 __all__ = [
     "LINEAR_INITS",
     "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "Embedding",
     "Flatten",
     "FlattenConsecutive",
