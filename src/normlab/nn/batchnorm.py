@@ -232,8 +232,9 @@ def batch_statistics(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _rank_error(name: str, expected: str, shapes: str, input: torch.Tensor) -> ValueError:
-    return ValueError(f"expected {expected} input (got {input.dim()}D input): {name} takes {shapes}")
+def _rank_error(layer: nn.Module, expected: str, shapes: str, input: torch.Tensor) -> ValueError:
+    """torch's message for an input of the wrong rank, and the shapes the layer takes."""
+    return ValueError(f"expected {expected} input (got {input.dim()}D input): {type(layer).__name__} takes {shapes}")
 
 
 class BatchNorm1d(_BatchNorm):
@@ -245,7 +246,7 @@ class BatchNorm1d(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in (2, 3):
-            raise _rank_error("BatchNorm1d", "2D or 3D", "(N, C) or (N, C, L)", input)
+            raise _rank_error(self, "2D or 3D", "(N, C) or (N, C, L)", input)
 
 
 class BatchNorm2d(_BatchNorm):
@@ -256,7 +257,7 @@ class BatchNorm2d(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 4:
-            raise _rank_error("BatchNorm2d", "4D", "(N, C, H, W)", input)
+            raise _rank_error(self, "4D", "(N, C, H, W)", input)
 
 
 class BatchNorm3d(_BatchNorm):
@@ -267,4 +268,4 @@ class BatchNorm3d(_BatchNorm):
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() != 5:
-            raise _rank_error("BatchNorm3d", "5D", "(N, C, D, H, W)", input)
+            raise _rank_error(self, "5D", "(N, C, D, H, W)", input)
