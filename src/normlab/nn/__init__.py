@@ -10,6 +10,7 @@ from torch.nn import Module
 
 from normlab.nn import functional, init
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.ghost import GhostBatchNorm1d
 from normlab.nn.layers import (
     LINEAR_INITS,
     Embedding,
@@ -21,15 +22,19 @@ from normlab.nn.layers import (
     Tanh,
 )
 from normlab.nn.norm import GroupNorm, LayerNorm, RMSNorm
+from normlab.nn.renorm import BatchRenorm1d
+from normlab.nn.sync import SyncBatchNorm
 
 __all__ = [
     "LINEAR_INITS",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm1d",
     "Embedding",
     "Flatten",
     "FlattenConsecutive",
+    "GhostBatchNorm1d",
     "GroupNorm",
     "LayerNorm",
     "Linear",
@@ -37,6 +42,7 @@ __all__ = [
     "RMSNorm",
     "ReLU",
     "Sequential",
+    "SyncBatchNorm",
     "Tanh",
     "functional",
     "init",
