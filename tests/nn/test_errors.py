@@ -84,6 +84,14 @@ BAD_INPUTS = [
     BadInput("bn3d-4d-input", lambda nn: nn.BatchNorm3d(3), lambda: torch.randn(2, 3, 4, 4), mentions="got 4D"),
     BadInput("bn3d-integer-input", lambda nn: nn.BatchNorm3d(3), _integers((2, 3, 1, 2, 2)),
              mentions="torch.int64"),
+    # SyncBatchNorm, without a process group
+    BadInput("sync-1d-input", lambda nn: nn.SyncBatchNorm(3), lambda: torch.randn(3), mentions="got 1D"),
+    BadInput("sync-zero-channels", lambda nn: nn.SyncBatchNorm(0), lambda: torch.randn(2, 0),
+             mentions="non-zero"),
+    BadInput("sync-one-value-per-channel", lambda nn: nn.SyncBatchNorm(3), lambda: torch.randn(1, 3, 1),
+             mentions="more than 1 value"),
+    BadInput("sync-channels-eval", lambda nn: nn.SyncBatchNorm(5), lambda: torch.randn(2, 3, 2, 2), eval=True,
+             mentions="not 5"),
     # LayerNorm
     BadInput("ln-trailing-shape", lambda nn: nn.LayerNorm(4), mentions="[4, 3]"),
     BadInput("ln-too-few-axes", lambda nn: nn.LayerNorm((2, 3)), lambda: torch.randn(3), mentions="size [3]"),

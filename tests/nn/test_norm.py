@@ -239,6 +239,19 @@ def test_batch_norm_matches_torch_on_random_shapes(rank, batch, channels, sizes,
 
 
 @FEW_EXAMPLES
+@given(rank=st.sampled_from(sorted(BATCH_NORM_BY_RANK)), batch=st.integers(1, 6), channels=st.integers(1, 5),
+       sizes=st.lists(st.integers(1, 4), min_size=3, max_size=3), momentum=st.sampled_from([None, 0.1, 0.9]),
+       affine=st.booleans(), bias=st.booleans(), track=st.booleans(), dtype=dtypes, seed=seeds)
+def test_sync_batch_norm_without_process_group_is_batch_norm_of_its_rank(rank, batch, channels, sizes, momentum,
+                                                                        affine, bias, track, dtype, seed):
+    shape = (batch, channels, *sizes[:rank - 2])
+    x, dtype = _conditioned(shape, dtype, seed, lambda x: x.transpose(0, 1).reshape(channels, -1))
+    options = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype, bias=bias)
+    reference = getattr(torch.nn, BATCH_NORM_BY_RANK[rank])(channels, **options)
+    _compare(reference, nnl.SyncBatchNorm(channels, **options), x, dtype)
+
+
+@FEW_EXAMPLES
 @given(leading=st.lists(st.integers(1, 3), max_size=2), normalized=st.lists(st.integers(1, 4), min_size=1,
        max_size=2), affine=st.booleans(), bias=st.booleans(), eps=st.sampled_from([1e-5, 1e-2]), dtype=dtypes,
        seed=seeds)
