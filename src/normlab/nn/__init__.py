@@ -10,6 +10,7 @@ from torch.nn import Module
 
 from normlab.nn import functional, init
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.fold import fold_batchnorm, foldable_batchnorms
 from normlab.nn.ghost import GhostBatchNorm1d
 from normlab.nn.layers import (
     LINEAR_INITS,
@@ -44,6 +45,8 @@ __all__ = [
     "Sequential",
     "SyncBatchNorm",
     "Tanh",
+    "fold_batchnorm",
+    "foldable_batchnorms",
     "functional",
     "init",
 ]
