@@ -1,9 +1,13 @@
 """normlab.nn: the lesson's layers with their math written out, drop-in twins of torch.nn's.
 
-Every layer is a `torch.nn.Module` with torch 2.13's constructor signature, parameter and buffer names, repr
-and state-dict format, so `normlab.nn.X(*args, **kwargs)` can replace `torch.nn.X(*args, **kwargs)` and state
-dicts load both ways. normlab's own options are keyword-only. `init` holds the initialisers, `functional` the
-batch norm with a hand-derived backward. `Module` is torch's, re-exported for models built on these layers.
+Every layer with a torch.nn namesake is a `torch.nn.Module` with torch 2.13's constructor signature, parameter and
+buffer names, repr and state-dict format, so `normlab.nn.X(*args, **kwargs)` can replace
+`torch.nn.X(*args, **kwargs)` and state dicts load both ways; that includes `SyncBatchNorm`, written out over
+`torch.distributed` (gloo or NCCL). `GhostBatchNorm1d` and `BatchRenorm1d` have no torch namesake; they keep
+BatchNorm1d's parameters, buffers and state dicts. normlab's own options are keyword-only. `init` holds the
+initialisers, `functional` the batch norm with a hand-derived backward, `fold_batchnorm` folds eval-mode batch
+norms into the Linear or convolution before them. `Module` is torch's, re-exported for models built on these
+layers.
 """
 
 from torch.nn import Module
