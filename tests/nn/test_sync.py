@@ -228,6 +228,16 @@ def test_world_of_one_rank_normalises_like_batch_norm(single_rank_group):
     torch.testing.assert_close(layer.state_dict(), reference.state_dict())
 
 
+def test_fold_copies_a_model_whose_sync_batch_norms_hold_a_process_group(single_rank_group):
+    group = dist.new_group([0])
+    model = nnl.SyncBatchNorm.convert_sync_batchnorm(
+        nnl.Sequential(nnl.Linear(3, 4), torch.nn.BatchNorm1d(4), nnl.Tanh(), nnl.BatchNorm1d(4)), group).eval()
+    folded = nnl.fold_batchnorm(model)  # a ProcessGroup cannot be deep-copied: the copy shares it
+    assert isinstance(folded[1], torch.nn.Identity) and folded[3].process_group is group
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(folded(x), model(x))
+
+
 # convert_sync_batchnorm
 
 

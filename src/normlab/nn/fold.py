@@ -81,7 +81,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
             f"fold_batchnorm needs a model in eval mode, but {in_training[0]!r} is in training mode: call "
             "model.eval() first (folding bakes in the running statistics that eval mode normalises with)"
         )
-    folded = copy.deepcopy(model)
+    # process groups (SyncBatchNorm's) cannot be copied: the copy shares them
+    groups = [module.process_group for module in model.modules() if getattr(module, "process_group", None)]
+    folded = copy.deepcopy(model, memo={id(group): group for group in groups})
     for fold in _plan(folded):
         _fold_into(fold.layer, _batch_norm_of(fold.norm))
         fold.sequential.add_module(fold.name, nn.Identity().eval())
