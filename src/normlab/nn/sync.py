@@ -7,8 +7,8 @@ Forward, on each of the W ranks with n_i values per channel (n_i may differ, and
     μ = Σ n_i·μ_i / N        M2 = Σ M2_i + Σ n_i·(μ_i − μ)²        σ² = M2 / N  (biased)
 
 the combination of Chan, Golub and LeVeque (1979) written for W parts at once: it adds centred sums of
-squares and squared deviations of the means, never the cancelling Σx² − N·μ², so it is as accurate as one
-pass over the whole batch. Each rank normalises its own values with the global μ and σ², and the running
+squares and squared deviations of the means, never the cancelling Σx² − N·μ², so it is about as accurate as
+centring the whole batch at once. Each rank normalises its own values with the global μ and σ², and the running
 statistics take the unbiased σ²·N/(N − 1) over the global N. Backward, with x̂ the normalised input:
 
     Σdy, Σdy·x̂ per channel  ──all_reduce (one packed tensor of 2C values)──►  global sums
