@@ -39,6 +39,7 @@ class Case:
     normlab_kwargs: dict = field(default_factory=dict)  # options torch does not have
     index_range: int | None = None  # integer input drawn from [0, index_range) (Embedding)
     dtypes: tuple[torch.dtype, ...] = DTYPES
+    normlab_repr: Callable[[str], str] = str  # normlab's repr from torch's, for a twin of another class
 
     def __str__(self) -> str:
         return self.name
@@ -54,6 +55,26 @@ def layer(class_name: str, *args: object, takes_dtype: bool = True, **kwargs: ob
         return cls(*args, **kwargs, **extra).to(dtype)
 
     return make
+
+
+def stand_in(torch_class: str, normlab_class: str, *args: object, **kwargs: object) -> Callable:
+    """make(namespace, dtype) for a normlab layer whose torch twin is another class it equals in this setting."""
+
+    def make(namespace, dtype: torch.dtype, **extra: object) -> tnn.Module:
+        cls = getattr(namespace, torch_class if namespace is tnn else normlab_class)
+        return cls(*args, dtype=dtype, **kwargs, **extra)
+
+    return make
+
+
+def renamed(torch_class: str, normlab_class: str, extra_repr: str = "", after_features: str = "") -> Callable:
+    """normlab's repr from its stand-in's: the class renamed, options added after the features or at the end."""
+
+    def normlab_repr(text: str) -> str:
+        features, rest = text.removeprefix(f"{torch_class}(").split(", ", 1)
+        return f"{normlab_class}({features}, {after_features}{rest[:-1]}{extra_repr})"
+
+    return normlab_repr
 
 
 def mlp(namespace, dtype: torch.dtype) -> tnn.Module:
@@ -88,6 +109,8 @@ _BATCH_NORM_OPTIONS = {
     "eps-0.1": {"eps": 0.1},
 }
 
+_SYNC_OPTIONS = ("default", "momentum-None", "affine-False", "bias-False", "track_running_stats-False")
+
 CASES: list[Case] = [
     *(Case(f"BatchNorm1d-{name}-2d", layer("BatchNorm1d", 4, **kwargs), (7, 4))
       for name, kwargs in _BATCH_NORM_OPTIONS.items()),
@@ -96,6 +119,31 @@ CASES: list[Case] = [
     *(Case(f"BatchNorm1d-closed-form-{name}-{rank}d", layer("BatchNorm1d", 3, **kwargs), shape,
            normlab_kwargs={"closed_form_backward": True})
       for name, kwargs in _BATCH_NORM_OPTIONS.items()
+      for rank, shape in ((2, (6, 3)), (3, (3, 3, 4)))),
+    *(Case(f"BatchNorm2d-{name}", layer("BatchNorm2d", 3, **kwargs), (3, 3, 2, 4))
+      for name, kwargs in _BATCH_NORM_OPTIONS.items()),
+    *(Case(f"BatchNorm3d-{name}", layer("BatchNorm3d", 3, **kwargs), (2, 3, 2, 3, 2))
+      for name, kwargs in _BATCH_NORM_OPTIONS.items()),
+    Case("BatchNorm2d-closed-form", layer("BatchNorm2d", 3), (3, 3, 2, 2),
+         normlab_kwargs={"closed_form_backward": True}),
+    Case("BatchNorm3d-closed-form-momentum-None", layer("BatchNorm3d", 2, momentum=None), (2, 2, 2, 2, 3),
+         normlab_kwargs={"closed_form_backward": True}),
+    Case("BatchNorm2d-one-value-per-image", layer("BatchNorm2d", 3), (4, 3, 1, 1)),
+    *(Case(f"SyncBatchNorm-without-process-group-{name}-{len(shape)}d", layer("SyncBatchNorm", 3, **kwargs), shape)
+      for name, kwargs in _BATCH_NORM_OPTIONS.items() if name in _SYNC_OPTIONS
+      for shape in ((6, 3), (3, 3, 4), (2, 3, 2, 2), (2, 3, 1, 2, 2))),
+    # ghost batches at least as large as the batch, and renorm without room to correct: BatchNorm1d
+    *(Case(f"GhostBatchNorm1d-one-ghost-batch-{name}", stand_in("BatchNorm1d", "GhostBatchNorm1d", 4, **kwargs),
+           (7, 4), normlab_kwargs={"ghost_batch_size": 7},
+           normlab_repr=renamed("BatchNorm1d", "GhostBatchNorm1d", after_features="ghost_batch_size=7, "))
+      for name, kwargs in _BATCH_NORM_OPTIONS.items()),
+    Case("GhostBatchNorm1d-larger-than-batch-3d", stand_in("BatchNorm1d", "GhostBatchNorm1d", 3), (4, 3, 5),
+         normlab_kwargs={"ghost_batch_size": 64},
+         normlab_repr=renamed("BatchNorm1d", "GhostBatchNorm1d", after_features="ghost_batch_size=64, ")),
+    *(Case(f"BatchRenorm1d-r_max-1-d_max-0-{name}-{rank}d", stand_in("BatchNorm1d", "BatchRenorm1d", 3, **kwargs),
+           shape, normlab_kwargs={"r_max": 1.0, "d_max": 0.0},
+           normlab_repr=renamed("BatchNorm1d", "BatchRenorm1d", ", r_max=1.0, d_max=0.0, warmup_steps=5000"))
+      for name, kwargs in _BATCH_NORM_OPTIONS.items() if name != "track_running_stats-False"
       for rank, shape in ((2, (6, 3)), (3, (3, 3, 4)))),
     # with two values per channel x̂ = ±√(σ²/(σ²+ε)) and dx is all cancellation: float32 results (torch's
     # included) are off by ~1e-2 from the float64 truth, so only float64 can be held to the bar

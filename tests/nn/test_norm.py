@@ -218,20 +218,37 @@ dtypes = st.sampled_from(DTYPES)
 seeds = st.integers(0, 2**16)
 
 
+BATCH_NORM_BY_RANK = {2: "BatchNorm1d", 3: "BatchNorm1d", 4: "BatchNorm2d", 5: "BatchNorm3d"}
+
+
 @FEW_EXAMPLES
-@given(rank=st.sampled_from([2, 3]), batch=st.integers(1, 6), channels=st.integers(1, 5),
-       length=st.integers(1, 4), momentum=st.sampled_from([None, 0.1, 0.9]), affine=st.booleans(),
-       bias=st.booleans(), track=st.booleans(), eps=st.sampled_from([1e-5, 1e-2]), closed_form=st.booleans(),
-       dtype=dtypes, seed=seeds)
-def test_batch_norm_matches_torch_on_random_shapes(rank, batch, channels, length, momentum, affine, bias,
-                                                   track, eps, closed_form, dtype, seed):
-    shape = (batch, channels) if rank == 2 else (batch, channels, length)
+@given(rank=st.sampled_from(sorted(BATCH_NORM_BY_RANK)), batch=st.integers(1, 6), channels=st.integers(1, 5),
+       sizes=st.lists(st.integers(1, 4), min_size=3, max_size=3), momentum=st.sampled_from([None, 0.1, 0.9]),
+       affine=st.booleans(), bias=st.booleans(), track=st.booleans(), eps=st.sampled_from([1e-5, 1e-2]),
+       closed_form=st.booleans(), dtype=dtypes, seed=seeds)
+def test_batch_norm_matches_torch_on_random_shapes(rank, batch, channels, sizes, momentum, affine, bias, track,
+                                                   eps, closed_form, dtype, seed):
+    shape = (batch, channels, *sizes[:rank - 2])
     x, dtype = _conditioned(shape, dtype, seed, lambda x: x.transpose(0, 1).reshape(channels, -1))
     options = dict(eps=eps, momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype,
                    bias=bias)
-    reference = torch.nn.BatchNorm1d(channels, **options)
-    twin = nnl.BatchNorm1d(channels, closed_form_backward=closed_form, **options)
+    name = BATCH_NORM_BY_RANK[rank]
+    reference = getattr(torch.nn, name)(channels, **options)
+    twin = getattr(nnl, name)(channels, closed_form_backward=closed_form, **options)
     _compare(reference, twin, x, dtype)
+
+
+@FEW_EXAMPLES
+@given(rank=st.sampled_from(sorted(BATCH_NORM_BY_RANK)), batch=st.integers(1, 6), channels=st.integers(1, 5),
+       sizes=st.lists(st.integers(1, 4), min_size=3, max_size=3), momentum=st.sampled_from([None, 0.1, 0.9]),
+       affine=st.booleans(), bias=st.booleans(), track=st.booleans(), dtype=dtypes, seed=seeds)
+def test_sync_batch_norm_without_process_group_is_batch_norm_of_its_rank(rank, batch, channels, sizes, momentum,
+                                                                        affine, bias, track, dtype, seed):
+    shape = (batch, channels, *sizes[:rank - 2])
+    x, dtype = _conditioned(shape, dtype, seed, lambda x: x.transpose(0, 1).reshape(channels, -1))
+    options = dict(momentum=momentum, affine=affine, track_running_stats=track, dtype=dtype, bias=bias)
+    reference = getattr(torch.nn, BATCH_NORM_BY_RANK[rank])(channels, **options)
+    _compare(reference, nnl.SyncBatchNorm(channels, **options), x, dtype)
 
 
 @FEW_EXAMPLES

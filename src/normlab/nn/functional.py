@@ -26,6 +26,23 @@ def per_channel(values: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
     return values.view(1, -1, *([1] * (input.dim() - 2)))
 
 
+def batch_norm_input_grad(grad_output: torch.Tensor, x_hat: torch.Tensor, invstd: torch.Tensor,
+                          weight: torch.Tensor | None, sum_dy: torch.Tensor, sum_dy_x_hat: torch.Tensor,
+                          n: int) -> torch.Tensor:
+    """dx = γ·invstd/n · (n·dy − Σdy − x̂·Σdy·x̂), the input gradient of training-mode batch norm.
+
+    `grad_output` (dy) and `x_hat` have the input's shape (N, C, *); `invstd`, `weight` (γ, or None for 1),
+    `sum_dy` and `sum_dy_x_hat` are (C,) and `n` is the number of values per channel the statistics were taken
+    over. The sums and n may cover more than this `grad_output` (SyncBatchNorm passes sums over every rank).
+    """
+    scale = invstd if weight is None else weight * invstd
+    return per_channel(scale / n, grad_output) * (
+        n * grad_output
+        - per_channel(sum_dy, grad_output)
+        - x_hat * per_channel(sum_dy_x_hat, grad_output)
+    )
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Training-mode batch norm whose backward is the closed form above; outputs (y, mean, biased var).
 
@@ -69,12 +86,7 @@ class BatchNormFunction(torch.autograd.Function):
         sum_dy_x_hat = (grad_output * x_hat).sum(dims)  # (C,)
         grad_input = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else weight * invstd
-            grad_input = per_channel(scale / n, grad_output) * (
-                n * grad_output
-                - per_channel(sum_dy, grad_output)
-                - x_hat * per_channel(sum_dy_x_hat, grad_output)
-            )
+            grad_input = batch_norm_input_grad(grad_output, x_hat, invstd, weight, sum_dy, sum_dy_x_hat, n)
         if weight is not None and ctx.needs_input_grad[1]:
             grad_weight = sum_dy_x_hat
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -1,12 +1,11 @@
-"""Normalisation layers with the math written out, equal to torch 2.13's: BatchNorm1d, LayerNorm, GroupNorm,
-RMSNorm.
+"""Layer-wise normalisation layers with the math written out, equal to torch 2.13's: LayerNorm, GroupNorm,
+RMSNorm; and the dtype, shape and batch-size checks every normalisation layer of normlab.nn shares.
 
 Every layer normalises as y = (x − mean) / √(var + ε) · γ + β (RMSNorm: y = x / √(mean(x²) + ε) · γ), with the
 biased variance, over the axes its name says. Statistics are computed in the input's dtype, except float16 and
-bfloat16 input, computed in float32 and cast back, as torch does on CPU. Parameter and buffer names, shapes,
-dtypes and registration order are torch's, so state dicts load both ways; bad input raises the exception type
-torch raises. Unlike the lesson's BatchNorm1d, the variance used to normalise is the biased one (torch's); the
-unbiased one goes into `running_var`.
+bfloat16 input, computed in float32 and cast back, as torch does on CPU. Parameter names, shapes, dtypes and
+registration order are torch's, so state dicts load both ways; bad input raises the exception type torch raises.
+The batch norms live in `batchnorm.py` (and their variants in `ghost.py`, `renorm.py`, `sync.py`).
 """
 
 import math
@@ -17,7 +16,7 @@ from torch import nn
 from torch.types import Device
 
 from normlab.nn import init
-from normlab.nn.functional import batch_norm_train, per_channel, reduction_dims
+from normlab.nn.functional import per_channel
 
 _REDUCED_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -89,184 +88,6 @@ def _reset_affine(module: nn.Module) -> None:
         init.ones_(module.weight)
     if getattr(module, "bias", None) is not None:
         init.zeros_(module.bias)
-
-
-class _NormBase(nn.Module):
-    """Parameters, running-statistics buffers, resets, repr and state-dict versioning of batch norms."""
-
-    _version = 2  # version 2 added num_batches_tracked; older state dicts without it keep the layer's count
-    num_features: int
-    eps: float
-    momentum: float | None
-    affine: bool
-    track_running_stats: bool
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device: Device = None,
-                 dtype: torch.dtype | None = None, *, bias: bool = True) -> None:
-        factory_kwargs = {"device": device, "dtype": dtype}
-        super().__init__()
-        self.num_features = num_features
-        self.eps = eps
-        self.momentum = momentum
-        self.affine = affine
-        self.track_running_stats = track_running_stats
-        _register_affine(self, (num_features,), affine, bias, factory_kwargs)  # γ, β: (C,)
-        if track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory_kwargs))
-            self.register_buffer("running_var", torch.ones(num_features, **factory_kwargs))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
-        self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        """Running mean 0, running variance 1, batch count 0 (when running statistics are tracked)."""
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
-
-    def reset_parameters(self) -> None:
-        """Reset the running statistics, then γ to 1 and β to 0."""
-        self.reset_running_stats()
-        _reset_affine(self)
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        raise NotImplementedError(f"{type(self).__name__} must say which input ranks it accepts")
-
-    def extra_repr(self) -> str:
-        """torch's description: features, eps, momentum, affine, bias, track_running_stats."""
-        return (
-            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}"
-        )
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str],
-                              error_msgs: list[str]) -> None:
-        version = local_metadata.get("version")
-        if (version is None or version < 2) and self.track_running_stats:
-            # state dicts older than version 2 have no num_batches_tracked: keep ours, or start from 0
-            key = prefix + "num_batches_tracked"
-            if key not in state_dict:
-                state_dict[key] = (
-                    self.num_batches_tracked
-                    if self.num_batches_tracked is not None and self.num_batches_tracked.device.type != "meta"
-                    else torch.tensor(0, dtype=torch.long)
-                )
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-
-
-class _BatchNorm(_NormBase):
-    """Batch norm over every axis but the channel axis 1; subclasses only say which input ranks they take.
-
-    Training normalises with the batch mean and biased variance and folds the batch into the running
-    statistics (unbiased variance); eval normalises with the running statistics, or with batch statistics when
-    there are none (`track_running_stats=False`). `momentum=None` makes the running statistics a cumulative
-    average over `num_batches_tracked` batches. `closed_form_backward=True` trains through
-    `normlab.nn.functional.batch_norm_train`, whose backward is derived by hand.
-    """
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device: Device = None,
-                 dtype: torch.dtype | None = None, *, bias: bool = True,
-                 closed_form_backward: bool = False) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
-        self.closed_form_backward = closed_form_backward
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """Normalise `input` per channel; in training mode also update the running statistics."""
-        self._check_input_dim(input)
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            # counted before the batch is checked, as torch does: a rejected batch still advances the count
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        # the buffers take part in eval, and in training only when tracked (then they are updated)
-        running_mean = self.running_mean if not self.training or self.track_running_stats else None
-        running_var = self.running_var if not self.training or self.track_running_stats else None
-        self._check_batch(input, use_batch_stats, running_mean, running_var)
-
-        x = input.to(_compute_dtype(input.dtype))  # (N, C) or (N, C, L)
-        if not use_batch_stats:
-            return self._normalize(x, running_mean, running_var).to(input.dtype)
-        if self.closed_form_backward:
-            output, mean, var = batch_norm_train(x, self.weight, self.bias, self.eps)
-        else:
-            dims = reduction_dims(x)
-            mean = x.mean(dims)  # (C,)
-            var = (x - per_channel(mean, x)).square().mean(dims)  # (C,), biased
-            output = self._normalize(x, mean, var)
-        n = math.prod(x.shape[d] for d in reduction_dims(x))  # values per channel
-        if running_mean is not None and n > 0:  # an empty batch leaves the running statistics alone
-            with torch.no_grad():
-                running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-                running_var.copy_(momentum * var * n / (n - 1) + (1 - momentum) * running_var)
-        return output.to(input.dtype)
-
-    def _normalize(self, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
-        """(x − μ) / √(σ² + ε) · γ + β with per-channel (C,) statistics broadcast over x."""
-        output = (x - per_channel(mean, x)) * per_channel(torch.rsqrt(var + self.eps), x)
-        if self.weight is not None:
-            output = output * per_channel(self.weight, x)
-        if self.bias is not None:
-            output = output + per_channel(self.bias, x)
-        return output
-
-    def _check_batch(self, input: torch.Tensor, use_batch_stats: bool, running_mean: torch.Tensor | None,
-                     running_var: torch.Tensor | None) -> None:
-        """torch's checks, in torch's order: batch size, eps, dtypes, buffers present, channel counts."""
-        if use_batch_stats:
-            _verify_batch_size(list(input.shape))
-            if self.eps <= 0.0:
-                raise ValueError(
-                    f"batch_norm eps must be positive during training, but got {self.eps}: use e.g. eps=1e-5"
-                )
-        elif self.eps < 0.0:
-            raise ValueError(f"batch_norm eps must be non-negative, but got {self.eps}: use e.g. eps=1e-5")
-        _check_floating(input, "batch_norm")
-        _check_same_dtype(input, self.weight, self.bias, running_mean, running_var)
-        if use_batch_stats and (running_mean is None) != (running_var is None):
-            raise ValueError(
-                "running_mean and running_var must either both be None or neither be None; "
-                "call reset_running_stats() on a layer built with track_running_stats=True"
-            )
-        if not use_batch_stats and (running_mean is None or running_var is None):
-            raise RuntimeError("running_mean and running_var must be defined in evaluation mode")
-        channels = input.shape[1]
-        named = {"running_mean": running_mean, "running_var": running_var, "weight": self.weight,
-                 "bias": self.bias}
-        for name, tensor in named.items():
-            if tensor is not None and tensor.numel() != channels:
-                raise RuntimeError(
-                    f"{name} should contain {channels} elements not {tensor.numel()}: the input has "
-                    f"{channels} channels on axis 1 but the layer has num_features={self.num_features}"
-                )
-
-
-class BatchNorm1d(_BatchNorm):
-    """Batch normalisation of (N, C) or (N, C, L) input, equal to torch.nn.BatchNorm1d (torch 2.13).
-
-    Statistics are taken per channel over N (and L). Options are torch's, plus the keyword-only
-    `closed_form_backward` (train through the hand-derived backward of `normlab.nn.functional`).
-    """
-
-    def _check_input_dim(self, input: torch.Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"expected 2D or 3D input (got {input.dim()}D input): BatchNorm1d takes (N, C) or (N, C, L)"
-            )
-
-    def extra_repr(self) -> str:
-        """torch's description, plus closed_form_backward=True when set."""
-        suffix = ", closed_form_backward=True" if self.closed_form_backward else ""
-        return super().extra_repr() + suffix
 
 
 class LayerNorm(nn.Module):
