@@ -23,7 +23,8 @@ import time
 import torch
 
 from normlab import nn
-from normlab.model import PRESETS, build_model
+from normlab.config import PRESETS
+from normlab.model import build_model
 
 VOCAB = 27
 PRESET_NAMES = ("lesson-batchnorm", "lesson-deep")

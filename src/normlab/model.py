@@ -28,23 +28,6 @@ class Residual(nn.Module):
         return x + self.block(x)
 
 
-class Positionwise(nn.Module):
-    """Apply a norm over channels to every position of (B, T, C) input by folding T into the batch.
-
-    For BatchNorm this is the lesson's wavenet BatchNorm (statistics over dims 0 and 1); for GroupNorm it keeps
-    positions apart. 2-D input passes straight through.
-    """
-
-    def __init__(self, norm: nn.Module) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2:
-            return self.norm(x)
-        return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)  # (B*T, C) → (B, T, C)
-
-
 class LanguageModel(nn.Module):
     """Contexts (B, block_size) int64 → logits (B, vocab_size), through `self.layers`."""
 
@@ -77,7 +60,7 @@ def _norm(config: ModelConfig, width: int, positionwise: bool, **factory: object
         return nn.LayerNorm(width, **factory)
     else:
         return nn.RMSNorm(width, **factory)
-    return Positionwise(norm) if positionwise else norm
+    return nn.Positionwise(norm) if positionwise else norm
 
 
 def build_model(config: ModelConfig, vocab_size: int, seed: int = DEFAULT_SEED, *,

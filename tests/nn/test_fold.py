@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from normlab import nn as nnl
-from normlab.model import PRESETS, build_model
+from normlab.config import PRESETS
+from normlab.model import build_model
 
 from .cases import DTYPES, assert_twin_close, randomize_
 
@@ -150,7 +151,7 @@ def test_batch_norms_that_do_not_follow_a_foldable_layer_stay():
 
 
 def test_ranks_and_wrappers_must_match_the_layer():
-    from normlab.model import Positionwise
+    from normlab.nn import Positionwise
 
     model = _prepared(torch.nn.Sequential(
         torch.nn.Conv2d(2, 3, 1), nnl.BatchNorm1d(3),  # a Conv2d feeds 4-D input, a BatchNorm1d takes 2-D/3-D

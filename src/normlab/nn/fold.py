@@ -20,7 +20,7 @@ from torch import nn
 
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from normlab.nn.ghost import GhostBatchNorm1d
-from normlab.nn.layers import Linear, Sequential
+from normlab.nn.layers import Linear, Positionwise, Sequential
 from normlab.nn.renorm import BatchRenorm1d
 from normlab.nn.sync import SyncBatchNorm
 
@@ -62,7 +62,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
       BatchRenorm1d (all of them are BatchNorm in eval), of the rank that layer feeds: 1d after a Linear or
       Conv1d, 2d after a Conv2d, 3d after a Conv3d, SyncBatchNorm after any; a Linear is taken to feed it
       (N, features), the one layout in which a BatchNorm1d over its output normalises its features;
-    - or the norm is wrapped in normlab.model's `Positionwise` and follows a Linear: it normalises the
+    - or the norm is wrapped in `normlab.nn.Positionwise` and follows a Linear: it normalises the
       Linear's last axis at every position, which folds just the same;
     - the norm has running statistics (track_running_stats=True): without them eval normalises with the
       batch's own statistics, which no fixed weights can reproduce, so such a norm stays;
@@ -112,16 +112,9 @@ def _plan(model: nn.Module) -> list[_Fold]:
     return folds
 
 
-def _positionwise() -> tuple[type, ...]:
-    """normlab.model's Positionwise wrapper (imported late: the model builds on normlab.nn, not the reverse)."""
-    from normlab.model import Positionwise
-
-    return (Positionwise,)
-
-
 def _batch_norm_of(norm: nn.Module) -> nn.Module:
     """The batch norm itself: `norm`, or the one its Positionwise wrapper holds."""
-    return norm.norm if isinstance(norm, _positionwise()) else norm
+    return norm.norm if isinstance(norm, Positionwise) else norm
 
 
 def _folds(layer: nn.Module, norm: nn.Module) -> bool:
@@ -129,7 +122,7 @@ def _folds(layer: nn.Module, norm: nn.Module) -> bool:
     layer_rank = next((rank for rank, classes in _LAYER_RANKS if isinstance(layer, classes)), None)
     if layer_rank is None:
         return False
-    if isinstance(norm, _positionwise()):
+    if isinstance(norm, Positionwise):
         if not isinstance(layer, _LINEARS):
             return False  # after a convolution it would normalise the last spatial axis, not the channels
         norm = norm.norm

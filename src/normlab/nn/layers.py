@@ -1,5 +1,5 @@
 """The lesson's layers written out, drop-in twins of torch.nn's: Linear, Embedding, Flatten, Tanh, ReLU,
-Sequential, and FlattenConsecutive (the wavenet step, which torch does not have).
+Sequential; and FlattenConsecutive and Positionwise (the wavenet's steps, which torch does not have).
 
 Constructor signatures, parameter names and shapes, reprs and state-dict keys are torch 2.13's; normlab's own
 options (`init`, `nonlinearity`, `generator`) are keyword-only and come last.
@@ -337,3 +337,20 @@ class Sequential(nn.Module):
         for module in self:
             input = module(input)
         return input
+
+
+class Positionwise(nn.Module):
+    """Apply a norm over channels to every position of (B, T, C) input by folding T into the batch.
+
+    For BatchNorm this is the lesson's wavenet BatchNorm (statistics over dims 0 and 1); for GroupNorm it keeps
+    positions apart. 2-D input passes straight through.
+    """
+
+    def __init__(self, norm: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2:
+            return self.norm(x)
+        return self.norm(x.reshape(-1, x.shape[-1])).view(x.shape)  # (B*T, C) → (B, T, C)
