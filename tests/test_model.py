@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from normlab.config import PRESETS, ModelConfig, get_preset
+from normlab.config import NORMS, PRESETS, ModelConfig, get_preset
 from normlab.errors import ConfigError
 from normlab.model import build_model, state_shapes
 
@@ -76,7 +77,7 @@ def test_same_seed_same_model_and_different_seed_different_model():
             assert not torch.equal(pa, pc), name
 
 
-@pytest.mark.parametrize("norm", ["none", "batch", "layer", "group", "rms"])
+@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 def test_every_norm_and_activation_builds_and_backpropagates(norm, activation):
     config = ModelConfig(norm=norm, activation=activation, n_layers=3, residual=True, init="kaiming",
@@ -131,3 +132,19 @@ def test_build_model_draws_only_from_its_generator():
     for (name, a), b in zip(build_model(get_preset("lesson-deep").model, VOCAB, seed=3).state_dict().items(),
                             same.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("norm, kind, options", [
+    ("batchrenorm", "BatchRenorm1d", {"r_max": 2.0, "d_max": 1.0, "warmup_steps": 7, "hold_steps": 3}),
+    ("ghostbatch", "GhostBatchNorm1d", {"ghost_batch_size": 4}),
+    ("syncbatch", "SyncBatchNorm", {}),
+])
+def test_the_batch_norm_variants_are_built_with_the_configs_settings(norm, kind, options):
+    config = ModelConfig(norm=norm, bn_momentum=0.01, ghost_batch_size=4, renorm_r_max=2.0, renorm_d_max=1.0,
+                         renorm_warmup_steps=7, renorm_hold_steps=3)
+    layer = build_model(config, VOCAB).layers[3]
+    assert type(layer).__name__ == kind and layer.momentum == 0.01
+    for name, value in options.items():
+        assert getattr(layer, name) == value, name
+    wavenet = build_model(dataclasses.replace(get_preset("wavenet").model, norm=norm, ghost_batch_size=4), VOCAB)
+    assert wavenet(torch.randint(0, VOCAB, (8, 8))).shape == (8, VOCAB)

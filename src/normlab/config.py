@@ -19,7 +19,8 @@ from normlab.errors import ConfigError
 from normlab.nn.init import INIT_SCHEMES
 
 ARCHITECTURES = ("mlp", "wavenet")
-NORMS = ("none", "batch", "layer", "group", "rms")
+NORMS = ("none", "batch", "batchrenorm", "ghostbatch", "syncbatch", "layer", "group", "rms")
+BATCH_NORMS = ("batch", "batchrenorm", "ghostbatch", "syncbatch")  # norms over the examples of a batch
 ACTIVATIONS = ("tanh", "relu")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
@@ -46,9 +47,15 @@ class ModelConfig:
     n_embd: int = 10  # embedding size per character
     n_hidden: int = 200  # width of each hidden layer
     n_layers: int = 1  # hidden blocks; for wavenet the FlattenConsecutive(2) stages, block_size == 2**n_layers
-    norm: str = "none"  # none | batch | layer | group | rms, after each hidden Linear
+    norm: str = "none"  # none | batch | batchrenorm | ghostbatch | syncbatch | layer | group | rms, after each
+    # hidden Linear (batchrenorm: Ioffe 2017; ghostbatch: statistics over ghost batches; syncbatch: over every rank)
     norm_groups: int = 8  # groups of GroupNorm
-    bn_momentum: float = 0.1  # momentum of the BatchNorm running statistics
+    bn_momentum: float = 0.1  # momentum of the running statistics of every batch norm
+    ghost_batch_size: int = 16  # examples per ghost batch of ghostbatch
+    renorm_r_max: float = 3.0  # batchrenorm's final clip limits of r and d...
+    renorm_d_max: float = 5.0
+    renorm_hold_steps: int = 5000  # ...reached after holding r_max=1, d_max=0 this many steps (BatchNorm)...
+    renorm_warmup_steps: int = 20000  # ...and relaxing them linearly over this many (see normlab.nn.BatchRenorm1d)
     activation: str = "tanh"  # tanh | relu
     init: str = "naive"  # hidden weights: one of normlab.nn.init.INIT_SCHEMES (see normlab.nn.Linear)
     weight_scale: float = 1.0  # multiplies the hidden weights after init
@@ -64,7 +71,8 @@ class ModelConfig:
 
     @property
     def has_hidden_bias(self) -> bool:
-        """Whether the hidden Linear layers have a bias: `hidden_bias`, or when None, only without a norm."""
+        """Whether the hidden Linear layers have a bias: `hidden_bias`, or when None, only without a norm (its
+        shift makes the bias redundant)."""
         return self.norm == "none" if self.hidden_bias is None else self.hidden_bias
 
     def validate(self) -> None:
@@ -72,7 +80,13 @@ class ModelConfig:
         for name, choices in (("architecture", ARCHITECTURES), ("norm", NORMS), ("activation", ACTIVATIONS),
                               ("init", INIT_SCHEMES), ("output_init", INIT_SCHEMES)):
             _check_choice("model", name, getattr(self, name), choices)
-        _check_at_least_one("model", self, ("block_size", "n_embd", "n_hidden", "n_layers"))
+        _check_at_least_one("model", self, ("block_size", "n_embd", "n_hidden", "n_layers", "ghost_batch_size"))
+        if not (self.renorm_r_max >= 1.0 and self.renorm_d_max >= 0.0 and math.isfinite(self.renorm_r_max)
+                and math.isfinite(self.renorm_d_max)):
+            raise ConfigError(f"model.renorm_r_max must be at least 1 and model.renorm_d_max at least 0, got "
+                              f"{self.renorm_r_max} and {self.renorm_d_max}")
+        if self.renorm_hold_steps < 0 or self.renorm_warmup_steps < 0:
+            raise ConfigError("model.renorm_hold_steps and model.renorm_warmup_steps must be 0 or more")
         if self.architecture == "wavenet" and self.block_size != 2 ** self.n_layers:
             raise ConfigError(f"wavenet merges pairs of positions n_layers={self.n_layers} times, so block_size "
                               f"must be 2**n_layers={2 ** self.n_layers}, got {self.block_size}: set both")

@@ -52,8 +52,17 @@ def state_shapes(config: ModelConfig, vocab_size: int) -> dict[str, tuple[tuple[
 
 
 def _norm(config: ModelConfig, width: int, positionwise: bool, **factory: object) -> nn.Module:
+    momentum = {"momentum": config.bn_momentum}
     if config.norm == "batch":
-        norm: nn.Module = nn.BatchNorm1d(width, momentum=config.bn_momentum, **factory)
+        norm: nn.Module = nn.BatchNorm1d(width, **momentum, **factory)
+    elif config.norm == "batchrenorm":
+        norm = nn.BatchRenorm1d(width, **momentum, r_max=config.renorm_r_max, d_max=config.renorm_d_max,
+                                warmup_steps=config.renorm_warmup_steps, hold_steps=config.renorm_hold_steps,
+                                **factory)
+    elif config.norm == "ghostbatch":
+        norm = nn.GhostBatchNorm1d(width, config.ghost_batch_size, **momentum, **factory)
+    elif config.norm == "syncbatch":
+        norm = nn.SyncBatchNorm(width, **momentum, **factory)
     elif config.norm == "group":
         norm = nn.GroupNorm(config.norm_groups, width, **factory)
     elif config.norm == "layer":

@@ -60,6 +60,17 @@ def test_stacked_models_follow_their_reference_runs(changes):
                                            atol=1e-10)
 
 
+@pytest.mark.parametrize("norm", ["batchrenorm", "group"])
+def test_stacked_norms_follow_their_reference_runs(norm):
+    model = dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=24, norm=norm, norm_groups=4,
+                                renorm_hold_steps=10, renorm_warmup_steps=20, renorm_r_max=1.5, renorm_d_max=0.5)
+    config = dataclasses.replace(BASE, momentum=0.9)
+    stacked, _ = _train([model], [dataclasses.replace(config, engine="stacked")])
+    reference, _ = _train([model], [dataclasses.replace(config, engine="reference")])
+    for (name, a), b in zip(reference.model_state(0).items(), stacked.model_state(0).values()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
+
+
 @pytest.mark.parametrize("norm", ["none", "batch", "layer", "rms"])
 def test_stacked_diagnostics_equal_the_reference_engines_in_float64(norm):
     """The Monitor's statistics on the stacked engine (twins) equal those recorded on the reference engine."""

@@ -22,8 +22,8 @@ def _stack(models, configs):
 
 def _configs(norm: str, activation: str, n_layers: int, count: int = 3) -> list[ModelConfig]:
     base = ModelConfig(norm=norm, activation=activation, n_layers=n_layers, n_hidden=12, n_embd=4, init="kaiming",
-                       norm_groups=3,
-                       bias_scale=0.1, output_weight_scale=0.5)
+                       norm_groups=3, bias_scale=0.1, output_weight_scale=0.5,
+                       renorm_r_max=1.2, renorm_d_max=0.3, renorm_hold_steps=0, renorm_warmup_steps=0)
     return [dataclasses.replace(base, weight_scale=0.5 + i, bn_momentum=0.1 * (i + 1)) for i in range(count)]
 
 
@@ -33,12 +33,16 @@ def _batch(count: int, batch: int = 16, seed: int = 0) -> tuple[torch.Tensor, to
             torch.randint(0, VOCAB, (count, batch), generator=generator))
 
 
-@pytest.mark.parametrize("norm", ["none", "batch", "layer", "group", "rms"])
+@pytest.mark.parametrize("norm", ["none", "batch", "batchrenorm", "layer", "group", "rms"])
 @pytest.mark.parametrize("activation", ["tanh", "relu"])
 @pytest.mark.parametrize("n_layers", [1, 2])
 def test_loss_gradients_and_buffers_equal_autograd_on_separate_models(norm, activation, n_layers):
     configs = _configs(norm, activation, n_layers)
     models = [build_model(c, VOCAB, seed=i).double() for i, c in enumerate(configs)]
+    for model in models:  # running statistics away from the batch's, so that batch renorm's r and d bind
+        for name, buffer in model.named_buffers():
+            if "running" in name:
+                buffer.mul_(0.3).add_(0.2)
     stacked = _stack(models, configs)
     contexts, targets = _batch(len(models))
     loss, grads = stacked.loss_and_gradients(contexts, targets)

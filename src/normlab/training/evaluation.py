@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -25,32 +27,46 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_siz
 
 
 def batchnorm_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The (name, module) of every batch-norm layer that tracks running statistics (normlab's or torch's)."""
+    """The (name, module) of every batch norm that tracks running statistics (normlab's BatchNorm1d/2d/3d,
+    BatchRenorm1d, GhostBatchNorm1d, SyncBatchNorm, or torch's), in the order of `named_modules()`."""
     return [(name, module) for name, module in model.named_modules()
-            if "BatchNorm" in type(module).__name__ and getattr(module, "running_mean", None) is not None]
+            if isinstance(getattr(module, "running_mean", None), torch.Tensor)
+            and isinstance(getattr(module, "running_var", None), torch.Tensor) and hasattr(module, "momentum")]
 
 
 @torch.no_grad()
-def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor) -> int:
-    """Set every BatchNorm's running statistics to the population mean and variance of the inputs it sees on x.
+def calibrate_batchnorm(model: torch.nn.Module, x: torch.Tensor, chunk: int = 32_768) -> int:
+    """Set every batch norm's running statistics to the population mean and (unbiased) variance, per channel,
+    of the inputs it sees when the model runs on all of `x` in eval mode; returns the number of layers.
 
-    As the lesson does after training: one forward pass over the whole of `x` in train mode, each layer
-    normalising with (and recording) the statistics of all of `x`. Returns the number of layers calibrated.
+    The lesson's calibration, made exact for any batch norm (ghost batches included): layer by layer in forward
+    order, so that each layer's inputs come from the layers before it already calibrated; in float64, over
+    chunks of `chunk` examples. `num_batches_tracked` and `momentum` are left as they were.
     """
     layers = batchnorm_layers(model)
-    if not layers:
-        return 0
-    saved = [(module.momentum, module.num_batches_tracked.clone()) for _, module in layers]
+    device = next(model.parameters()).device
     was_training = model.training
+    model.eval()
     try:
         for _, module in layers:
-            module.reset_running_stats()
-            module.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
-        model.train()
-        model(x.to(next(model.parameters()).device))
+            sums: list[torch.Tensor] = []
+            handle = module.register_forward_pre_hook(functools.partial(_record_moments, sums))
+            try:
+                for start in range(0, len(x), chunk):
+                    model(x[start:start + chunk].to(device))
+            finally:
+                handle.remove()
+            count, total, squares = torch.stack(sums).sum(0)
+            mean = total / count
+            var = (squares - count * mean.square()).clamp(min=0) / (count - 1).clamp(min=1)
+            module.running_mean.copy_(mean)
+            module.running_var.copy_(var)
     finally:
-        for (_, module), (momentum, tracked) in zip(layers, saved):
-            module.momentum = momentum
-            module.num_batches_tracked.copy_(tracked)
         model.train(was_training)
     return len(layers)
+
+
+def _record_moments(sums: list[torch.Tensor], module: torch.nn.Module, inputs: tuple) -> None:
+    """Append (count, Σx, Σx²) per channel (axis 1) of a batch norm's input, in float64."""
+    value = inputs[0].double().transpose(0, 1).reshape(inputs[0].shape[1], -1)  # (C, N·L...)
+    sums.append(torch.stack([torch.full_like(value[:, 0], value.shape[1]), value.sum(1), value.square().sum(1)]))

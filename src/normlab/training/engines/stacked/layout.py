@@ -21,7 +21,8 @@ import torch
 
 from normlab.config import ModelConfig
 
-STACKED_NORMS = ("none", "batch", "layer", "group", "rms")
+STACKED_NORMS = ("none", "batch", "batchrenorm", "layer", "group", "rms")
+RUNNING_NORMS = ("batch", "batchrenorm")  # norms with running statistics
 # The fields M models must share to be stacked; the rest (init, scales, bn_momentum...) may differ per model.
 SHAPE_FIELDS = ("architecture", "block_size", "n_embd", "n_hidden", "n_layers", "norm", "norm_groups", "activation",
                 "residual", "output_norm", "output_bias", "has_hidden_bias")
@@ -69,7 +70,7 @@ def state_layout(config: ModelConfig) -> list[Entry]:
             entries.append(Entry(f"layers.{index}.weight", "row", True))
             if config.norm != "rms":
                 entries.append(Entry(f"layers.{index}.bias", "row", True))
-            if config.norm == "batch":
+            if config.norm in RUNNING_NORMS:
                 entries += [Entry(f"layers.{index}.running_mean", "row", False),
                             Entry(f"layers.{index}.running_var", "row", False),
                             Entry(f"layers.{index}.num_batches_tracked", "scalar", False)]

@@ -20,6 +20,7 @@ import torch
 
 from normlab.config import ModelConfig
 from normlab.training.engines.stacked.layout import (
+    RUNNING_NORMS,
     SHAPE_FIELDS,
     per_model_view,
     shape_key,
@@ -80,6 +81,8 @@ class StackedMLP:
         self.vocab_size = vocab_size
         device = embedding.device
         self.bn_momentum = per_model_view([c.bn_momentum for c in configs], embedding)
+        self.renorm = [per_model_view([getattr(c, f"renorm_{name}") for c in configs], embedding)
+                       for name in ("r_max", "d_max", "hold_steps", "warmup_steps")]
         self.eps = 1e-5
         self._offsets = torch.arange(self.num_models, device=device) * vocab_size
         self.layout = state_layout(first)  # where each stacked tensor sits in a model's state dict
@@ -108,7 +111,7 @@ class StackedMLP:
             if first.norm != "none":
                 block.gamma = params.pop(0)
                 block.beta = params.pop(0) if first.norm != "rms" else None
-            if first.norm == "batch":
+            if first.norm in RUNNING_NORMS:
                 block.running_mean, block.running_var, block.num_batches_tracked = buffers[:3]
                 buffers = buffers[3:]
             hidden.append(block)
@@ -149,10 +152,10 @@ class StackedMLP:
         if self.norm == "rms":
             inv = torch.rsqrt(h.square().mean(2, keepdim=True) + torch.finfo(h.dtype).eps)  # eps=None: machine eps
             return h * inv * block.gamma, (h, inv)
-        if self.norm == "batch" and not training:
+        if self.norm in RUNNING_NORMS and not training:
             inv = torch.rsqrt(block.running_var + self.eps)
             return torch.addcmul(block.beta, (h - block.running_mean) * inv, block.gamma), (None, inv)
-        if self.norm != "batch":  # per example: over the features of each group (LayerNorm: one group)
+        if self.norm not in RUNNING_NORMS:  # per example: over the features of each group (LayerNorm: one group)
             grouped = h.view(*h.shape[:2], self.groups, -1)  # (M, B, G, H/G)
             mean = grouped.mean(3, keepdim=True)
             centered = grouped - mean
@@ -163,12 +166,32 @@ class StackedMLP:
         var = centered.square().mean(1, keepdim=True)
         inv = torch.rsqrt(var + self.eps)
         x_hat = centered * inv
+        renorm = self._renorm_factors(block, mean, var) if self.norm == "batchrenorm" else None
         with torch.no_grad():
             n = h.shape[1]
             block.running_mean.lerp_(mean, self.bn_momentum)
             block.running_var.lerp_(var * (n / max(n - 1, 1)), self.bn_momentum)  # torch tracks the unbiased one
             block.num_batches_tracked += 1
-        return torch.addcmul(block.beta, x_hat, block.gamma), (x_hat, inv)
+        if renorm is None:
+            return torch.addcmul(block.beta, x_hat, block.gamma), (x_hat, inv)
+        r, d = renorm
+        normalized = torch.addcmul(d, x_hat, r)  # x̂·r + d
+        return torch.addcmul(block.beta, normalized, block.gamma), (x_hat, inv, r, normalized)
+
+    def _renorm_factors(self, block: HiddenLayer, mean: torch.Tensor, var: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch renormalisation's r = clip(σ_B/σ, 1/r_max(t), r_max(t)) and d = clip((μ_B − μ)/σ, ±d_max(t)),
+        from the running statistics before this batch, with the limits relaxed by `normlab.nn.BatchRenorm1d`'s
+        schedule over t = num_batches_tracked; constants for the backward (no gradient through them)."""
+        r_max, d_max, hold, warmup = self.renorm
+        steps = block.num_batches_tracked.view(-1, 1, 1).to(mean.dtype)  # (M, 1, 1)
+        ramp = torch.where(warmup > 0, (steps - hold) / warmup.clamp(min=1), torch.ones_like(steps)).clamp(max=1.0)
+        ramp = torch.where(steps < hold, torch.zeros_like(ramp), ramp)
+        r_limit, d_limit = 1.0 + (r_max - 1.0) * ramp, d_max * ramp
+        running_inv = torch.rsqrt(block.running_var + self.eps)
+        r = torch.minimum(torch.maximum(torch.sqrt(var + self.eps) * running_inv, 1.0 / r_limit), r_limit)
+        d = torch.minimum(torch.maximum((mean - block.running_mean) * running_inv, -d_limit), d_limit)
+        return r, d
 
     def forward(self, contexts: torch.Tensor, training: bool = False, *, rows: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, list]:
@@ -254,13 +277,20 @@ class StackedMLP:
             d_h = inv * g_dy - h * inv.pow(3) * (g_dy * h).sum(2, keepdim=True) / n
             return d_h, [d_gamma]
         # dx = invstd/n · (n·dx̂ − Σdx̂ − x̂·Σ(dx̂·x̂)), the sums over the normalised values
-        x_hat, inv = saved
+        x_hat, inv = saved[:2]
         d_beta = d_y.sum(1, keepdim=True)
-        if self.norm == "batch":
-            d_gamma = (d_y * x_hat).sum(1, keepdim=True)
+        if self.norm in RUNNING_NORMS:
             n = x_hat.shape[1]
-            sum_dxhat, sum_dxhat_xhat = block.gamma * d_beta, block.gamma * d_gamma
-            d_h = (inv / n) * (n * (d_y * block.gamma) - sum_dxhat - x_hat * sum_dxhat_xhat)
+            if self.norm == "batch":
+                d_gamma = (d_y * x_hat).sum(1, keepdim=True)
+                d_xhat = d_y * block.gamma
+                sum_dxhat, sum_dxhat_xhat = block.gamma * d_beta, block.gamma * d_gamma
+            else:  # y = γ·(x̂·r + d) + β with r, d constants: dL/dx̂ = dy·γ·r
+                r, normalized = saved[2:]
+                d_gamma = (d_y * normalized).sum(1, keepdim=True)
+                d_xhat = d_y * (block.gamma * r)
+                sum_dxhat, sum_dxhat_xhat = d_xhat.sum(1, keepdim=True), (d_xhat * x_hat).sum(1, keepdim=True)
+            d_h = (inv / n) * (n * d_xhat - sum_dxhat - x_hat * sum_dxhat_xhat)
             return d_h, [d_gamma, d_beta]
         d_gamma = (d_y * x_hat.view_as(d_y)).sum(1, keepdim=True)
         d_xhat = (d_y * block.gamma).view_as(x_hat)  # (M, B, G, H/G)
