@@ -15,17 +15,17 @@ from normlab.model import build_model
 from normlab.training import LoopEvents, choose_engine, create_engine, train_loop
 from normlab.training.optimizers import make_optimizer
 
-from .helpers import TRAIN_XY, VAL_XY, VOCAB
+from .helpers import TRAIN_XY, VAL_XY, VOCAB, random_examples
 
 BASE = TrainConfig(steps=60, batch_size=16, eval_every=30, checkpoint_every=1000, eval_examples=100)
 
 
-def _train(models, configs, dtype=torch.float64, every=None):
-    engine = create_engine(models, configs, VOCAB, TRAIN_XY, dtype=dtype)
+def _train(models, configs, dtype=torch.float64, every=None, data=(TRAIN_XY, VAL_XY)):
+    engine = create_engine(models, configs, VOCAB, data[0], dtype=dtype)
     if every is not None:
         engine.attach_monitors(every)
     rows = {i: [] for i in range(len(models))}
-    train_loop(engine, configs, TRAIN_XY, VAL_XY, progress=False,
+    train_loop(engine, configs, *data, progress=False,
                events=LoopEvents(log=lambda i, row: rows[i].append(row)))
     engine.close()
     return engine, rows
@@ -60,13 +60,15 @@ def test_stacked_models_follow_their_reference_runs(changes):
                                            atol=1e-10)
 
 
-@pytest.mark.parametrize("norm", ["batchrenorm", "group"])
-def test_stacked_norms_follow_their_reference_runs(norm):
-    model = dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=24, norm=norm, norm_groups=4,
+@pytest.mark.parametrize("preset, norm", [("lesson-batchnorm", "batchrenorm"), ("lesson-batchnorm", "group"),
+                                          ("wavenet", "batch"), ("wavenet", "batchrenorm"), ("wavenet", "layer")])
+def test_stacked_norms_follow_their_reference_runs(preset, norm):
+    model = dataclasses.replace(get_preset(preset).model, n_hidden=24, norm=norm, norm_groups=4,
                                 renorm_hold_steps=10, renorm_warmup_steps=20, renorm_r_max=1.5, renorm_d_max=0.5)
+    train_xy, val_xy = (random_examples(800, 0, model.block_size), random_examples(200, 1, model.block_size))
     config = dataclasses.replace(BASE, momentum=0.9)
-    stacked, _ = _train([model], [dataclasses.replace(config, engine="stacked")])
-    reference, _ = _train([model], [dataclasses.replace(config, engine="reference")])
+    stacked, _ = _train([model], [dataclasses.replace(config, engine="stacked")], data=(train_xy, val_xy))
+    reference, _ = _train([model], [dataclasses.replace(config, engine="reference")], data=(train_xy, val_xy))
     for (name, a), b in zip(reference.model_state(0).items(), stacked.model_state(0).values()):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
 
@@ -123,7 +125,8 @@ def test_the_stacked_engine_starts_from_and_returns_reference_state_dicts():
 def test_auto_chooses_the_stacked_engine_where_it_runs_and_the_reference_elsewhere():
     train = TrainConfig()
     assert choose_engine(get_preset("lesson-batchnorm").model, train) == "stacked"
-    assert choose_engine(get_preset("wavenet").model, train) == "reference"
+    assert choose_engine(get_preset("wavenet").model, train) == "stacked"
+    assert choose_engine(get_preset("lesson-batchnorm").model.__class__(norm="ghostbatch"), train) == "reference"
     assert choose_engine(get_preset("lesson-deep").model, train) == "reference"
     assert choose_engine(get_preset("lesson-batchnorm").model, TrainConfig(engine="reference")) == "reference"
     with pytest.raises(ConfigError, match="engine=stacked cannot run a norm after the output layer"):

@@ -38,8 +38,6 @@ class Entry(NamedTuple):
 
 def stacking_problem(config: ModelConfig) -> str | None:
     """Why `config` cannot run on the stacked engine, or None if it can."""
-    if config.architecture != "mlp":
-        return f"architecture {config.architecture!r} (the stacked engine runs the mlp architecture)"
     if config.norm not in STACKED_NORMS:
         return f"norm {config.norm!r} (the stacked engine supports {', '.join(STACKED_NORMS)})"
     if config.residual:
@@ -57,23 +55,29 @@ def shape_key(config: ModelConfig) -> tuple:
 def state_layout(config: ModelConfig) -> list[Entry]:
     """The entries of `build_model(config).state_dict()` for a stackable `config`, in order.
 
-    The model is `Embedding, Flatten, [Linear, Norm?, Activation] × n_layers, Linear` (see `normlab.model`).
+    The model is (see `normlab.model`) `Embedding, Flatten, [Linear, Norm?, Activation] × n_layers, Linear` for
+    the mlp, `Embedding, [FlattenConsecutive, Linear, Norm?, Activation] × n_layers, Linear` for the wavenet,
+    whose norms over channels sit in a `Positionwise` wrapper (key `.norm`).
     """
+    wavenet = config.architecture == "wavenet"
+    wrapped = wavenet and config.norm not in ("layer", "rms")
     entries = [Entry("layers.0.weight", "as_is", True)]
-    index = 2  # after the embedding and the flatten
+    index = 1 if wavenet else 2  # after the embedding (and the mlp's flatten)
     for _ in range(config.n_layers):
+        index += 1 if wavenet else 0  # FlattenConsecutive(2)
         entries.append(Entry(f"layers.{index}.weight", "transposed", True))
         if config.has_hidden_bias:
             entries.append(Entry(f"layers.{index}.bias", "row", True))
         index += 1
         if config.norm != "none":
-            entries.append(Entry(f"layers.{index}.weight", "row", True))
+            prefix = f"layers.{index}.norm" if wrapped else f"layers.{index}"
+            entries.append(Entry(f"{prefix}.weight", "row", True))
             if config.norm != "rms":
-                entries.append(Entry(f"layers.{index}.bias", "row", True))
+                entries.append(Entry(f"{prefix}.bias", "row", True))
             if config.norm in RUNNING_NORMS:
-                entries += [Entry(f"layers.{index}.running_mean", "row", False),
-                            Entry(f"layers.{index}.running_var", "row", False),
-                            Entry(f"layers.{index}.num_batches_tracked", "scalar", False)]
+                entries += [Entry(f"{prefix}.running_mean", "row", False),
+                            Entry(f"{prefix}.running_var", "row", False),
+                            Entry(f"{prefix}.num_batches_tracked", "scalar", False)]
             index += 1
         index += 1  # the activation
     entries.append(Entry(f"layers.{index}.weight", "as_is", True))

@@ -1,10 +1,13 @@
-"""M models of one MLP architecture as stacked tensors, with the forward and the backward written out.
+"""M models of one MLP architecture (the mlp or the wavenet) as stacked tensors, forward and backward written out.
 
 This is the stacked engine's model. A model of the lesson is tiny, so a step of a plain PyTorch loop spends its
 time on the overhead of some sixty small operations and autograd's bookkeeping, not on arithmetic. Here the M
 models of a sweep (or the single model of one run, M = 1) share every operation: batched matrix products over a
 leading model axis, the closed-form norm backwards, the softmax–cross-entropy gradient p − onehot. Shapes:
-contexts (M, B, T), hidden activations (M, B, H), logits (M, B, V).
+contexts (M, B, T), hidden activations (M, R, H), logits (M, B, V). A hidden layer's rows R are the examples
+(the mlp: R = B, its input the T·E embeddings of an example), or for the wavenet the examples' groups of
+positions: its layer i takes pairs of consecutive rows of layer i − 1 (a view, R halves) as one input row, so
+that every norm over the batch computes its statistics over examples and positions, as `Positionwise` does.
 
 `StackedMLP.from_state_dicts` stacks M state dicts in the reference key format (`layout.state_layout`), and
 `state_dict(i)` gives model i's back as views, so a stacked run starts, checkpoints and ends exactly where M
@@ -206,6 +209,7 @@ class StackedMLP:
         x = self._embed(rows)
         saved = [(None, x)]  # (what the norm's backward needs, the block's output) per block, the embedding first
         for block in self.hidden:
+            x = x.view(x.shape[0], -1, block.weight.shape[1])  # (M, R, in): the wavenet merges pairs of rows
             h = torch.bmm(x, block.weight) if block.bias is None else torch.baddbmm(block.bias, x, block.weight)
             norm_saved = None
             if self.norm != "none":
@@ -245,7 +249,7 @@ class StackedMLP:
         for depth in range(len(self.hidden) - 1, -1, -1):
             block = self.hidden[depth]
             norm_saved, out = saved[depth + 1]
-            x_in = saved[depth][1]
+            x_in = saved[depth][1].view(out.shape[0], -1, block.weight.shape[1])  # the layer's input rows
             if self.activation == "tanh":
                 d_h = torch.addcmul(d_x, d_x, out.square(), value=-1.0)  # dx · (1 − tanh²)
             else:
@@ -258,7 +262,7 @@ class StackedMLP:
             linear_grads = [d_weight] + ([d_h.sum(1, keepdim=True)] if block.bias is not None else [])
             grads_hidden.append(linear_grads + block_grads)
             if depth:
-                d_x = torch.bmm(d_h, block.weight.transpose(1, 2))
+                d_x = torch.bmm(d_h, block.weight.transpose(1, 2)).view_as(saved[depth][1])
             else:  # (M, T·E, B), then transposed: the faster way round for the narrow embedding input
                 d_x = torch.bmm(block.weight, d_h.transpose(1, 2)).transpose(1, 2)
         d_table = torch.zeros_like(self.embedding).view(-1, self.embedding.shape[-1])
