@@ -71,6 +71,7 @@ class StackedEngine(Engine):
             options = COMPILE_OPTIONS | (AUTOTUNE_OPTIONS if work > AUTOTUNE_MIN_WORK else {})
             self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
             self.steps_per_call = STEPS_PER_CALL
+        self.stacked.fused_kernels = self._compiled is None and self.num_models == 1
         self.monitors: list[Any] = []
         self._twins: list[tuple[LanguageModel, torch.optim.Optimizer]] = []
 
@@ -80,7 +81,7 @@ class StackedEngine(Engine):
         return self._compiled is not None
 
     # ------------------------------------------------------------------------------------------------- steps
-    def _one(self, index: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+    def _one(self, index: torch.Tensor, rates: torch.Tensor | float) -> torch.Tensor:
         """One step on the training examples `index` (M, B) with learning rates (M,); the losses (M,) before the
         update. (The gather happens here, inside a compiled call, fused with the embedding lookup.)"""
         factored = self.limits is None and self.optimizer.takes_factored_gradients
@@ -97,6 +98,8 @@ class StackedEngine(Engine):
     def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
         """K steps (indices (K, M, B), rates (K, M)); a call of `steps_per_call` steps runs compiled (compiled on
         first use; if compilation fails, training continues eagerly with a warning)."""
+        if self.num_models == 1 and len(indices) == 1 and self._compiled is None:  # eager, one model: a float rate
+            return self._one(indices[0], float(rates[0, 0])).view(1, 1)
         rates = rates.to(self.device, self.stacked.embedding.dtype)
         if self._compiled is not None and len(indices) == self.steps_per_call:
             try:
@@ -110,6 +113,7 @@ class StackedEngine(Engine):
                 warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
                               "training continues uncompiled", RuntimeWarning, stacklevel=2)
                 self._compiled, self.steps_per_call = None, 1
+                self.stacked.fused_kernels = self.num_models == 1
         return self._steps(indices, rates)
 
     # ------------------------------------------------------------------------------------------------- state

@@ -47,6 +47,20 @@ class MatmulGrad:
         return torch.bmm(self.left, self.right)
 
 
+@dataclass(frozen=True)
+class IndexGrad:
+    """The embedding table's gradient kept as the rows it adds `values` to (table row i += values[i]), so that
+    plain SGD can add −lr·values into the table in place (`index_add_`) instead of writing the gradient out."""
+
+    rows: torch.Tensor  # (N,) rows of the (M·V, E) table of all embeddings
+    values: torch.Tensor  # (N, E)
+
+    def materialize(self, table: torch.Tensor) -> torch.Tensor:
+        """The gradient, shaped like `table` (M, V, E)."""
+        flat = torch.zeros_like(table).view(-1, table.shape[-1])
+        return flat.index_add_(0, self.rows, self.values).view_as(table)
+
+
 @dataclass
 class HiddenLayer:
     """One hidden block of the M models: weight (M, in, out), optional bias and norm state."""
@@ -90,6 +104,9 @@ class StackedMLP:
         self._offsets = torch.arange(self.num_models, device=device) * vocab_size
         self.layout = state_layout(first)  # where each stacked tensor sits in a model's state dict
         self.parameter_layouts = [entry.layout for entry in self.layout if entry.parameter]
+        # One model, uncompiled: torch's own fused kernels for tanh and batch norm (one call each way instead of
+        # a dozen small ones; the written-out formulas below stay the specification, and compiled code fuses them)
+        self.fused_kernels = False
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
@@ -142,6 +159,8 @@ class StackedMLP:
     # ----------------------------------------------------------------------------------------------- forward
     def rows(self, contexts: torch.Tensor) -> torch.Tensor:
         """Contexts (M, B, ...) as rows of the (M·V, E) table of all embeddings: model i's token t is row i·V + t."""
+        if self.num_models == 1:
+            return contexts
         return contexts + self._offsets.view((-1,) + (1,) * (contexts.dim() - 1))
 
     def _embed(self, rows: torch.Tensor) -> torch.Tensor:
@@ -164,6 +183,8 @@ class StackedMLP:
             centered = grouped - mean
             inv = torch.rsqrt(centered.square().mean(3, keepdim=True) + self.eps)
             return torch.addcmul(block.beta, (centered * inv).view_as(h), block.gamma), ((centered * inv), inv)
+        if self.fused_kernels and self.norm == "batch":
+            return self._fused_batch_norm(h, block)
         mean = h.mean(1, keepdim=True)  # per feature: over the examples of the batch
         centered = h - mean
         var = centered.square().mean(1, keepdim=True)
@@ -180,6 +201,16 @@ class StackedMLP:
         r, d = renorm
         normalized = torch.addcmul(d, x_hat, r)  # x̂·r + d
         return torch.addcmul(block.beta, normalized, block.gamma), (x_hat, inv, r, normalized)
+
+    def _fused_batch_norm(self, h: torch.Tensor, block: HiddenLayer) -> tuple[torch.Tensor, tuple]:
+        """torch's batch-norm kernel on the one model's (R, H) rows: the same statistics and running updates."""
+        rows = h.view(-1, h.shape[-1])
+        out, mean, invstd = torch.native_batch_norm(
+            rows, block.gamma.view(-1), block.beta.view(-1), block.running_mean.view(-1), block.running_var.view(-1),
+            True, self.configs[0].bn_momentum, self.eps)
+        with torch.no_grad():
+            block.num_batches_tracked += 1
+        return out.view_as(h), ("fused", rows, mean, invstd)
 
     def _renorm_factors(self, block: HiddenLayer, mean: torch.Tensor, var: torch.Tensor
                         ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -214,7 +245,10 @@ class StackedMLP:
             norm_saved = None
             if self.norm != "none":
                 h, norm_saved = self._normalize(h, block, training)
-            x = _tanh(h) if self.activation == "tanh" else torch.relu(h)
+            if self.activation == "tanh":
+                x = torch.tanh(h) if self.fused_kernels else _tanh(h)
+            else:
+                x = torch.relu(h)
             saved.append((norm_saved, x))
         if self.output_bias is None:
             return torch.bmm(self.output_weight, x.transpose(1, 2)), saved  # (M, V, B)
@@ -226,7 +260,8 @@ class StackedMLP:
         """Training-mode forward and hand-written backward: per-model mean cross-entropy (M,) and gradients
         in the order of `parameters()`. Updates BatchNorm running statistics, as a training forward does.
         Give `rows` (from `self.rows(contexts)`, e.g. computed for many steps at once) instead of contexts.
-        With `factored`, the weight matrices' gradients come as `MatmulGrad`s."""
+        With `factored`, the weight matrices' gradients come as `MatmulGrad`s and the embedding table's as an
+        `IndexGrad`."""
 
         def product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor | MatmulGrad:
             return MatmulGrad(left, right) if factored else torch.bmm(left, right)
@@ -238,7 +273,7 @@ class StackedMLP:
         index = targets.unsqueeze(1)  # (M, 1, B)
         loss = -log_probs.gather(1, index).squeeze(1).mean(1)  # (M,)
         # d(mean cross-entropy)/d logits = (softmax − onehot) / B
-        d_logits = log_probs.exp_().scatter_add_(1, index, torch.full_like(index, -1, dtype=logits_t.dtype))
+        d_logits = log_probs.exp_().scatter_add_(1, index, self._minus_ones(index, logits_t.dtype))
         d_logits.mul_(1.0 / b)  # (M, V, B)
         x = saved[-1][1]
         grads_out = [product(d_logits, x)]  # (M, V, H)
@@ -250,7 +285,9 @@ class StackedMLP:
             block = self.hidden[depth]
             norm_saved, out = saved[depth + 1]
             x_in = saved[depth][1].view(out.shape[0], -1, block.weight.shape[1])  # the layer's input rows
-            if self.activation == "tanh":
+            if self.activation == "tanh" and self.fused_kernels:
+                d_h = torch.ops.aten.tanh_backward(d_x, out)
+            elif self.activation == "tanh":
                 d_h = torch.addcmul(d_x, d_x, out.square(), value=-1.0)  # dx · (1 − tanh²)
             else:
                 d_h = d_x * (out > 0)
@@ -261,18 +298,32 @@ class StackedMLP:
             d_weight = product(x_in.transpose(1, 2), d_h)
             linear_grads = [d_weight] + ([d_h.sum(1, keepdim=True)] if block.bias is not None else [])
             grads_hidden.append(linear_grads + block_grads)
-            if depth:
+            if depth or self.fused_kernels:
                 d_x = torch.bmm(d_h, block.weight.transpose(1, 2)).view_as(saved[depth][1])
             else:  # (M, T·E, B), then transposed: the faster way round for the narrow embedding input
                 d_x = torch.bmm(block.weight, d_h.transpose(1, 2)).transpose(1, 2)
-        d_table = torch.zeros_like(self.embedding).view(-1, self.embedding.shape[-1])
-        d_table.index_add_(0, rows.reshape(-1), d_x.reshape(-1, self.embedding.shape[-1]))
-        grads = [d_table.view_as(self.embedding)]
+        d_table = IndexGrad(rows.reshape(-1), d_x.reshape(-1, self.embedding.shape[-1]))
+        grads = [d_table if factored else d_table.materialize(self.embedding)]
         for block_grads in reversed(grads_hidden):
             grads += block_grads
         return loss, grads + grads_out
 
+    def _minus_ones(self, index: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of −1 shaped like `index` (M, 1, B), kept between steps of one shape."""
+        cached = getattr(self, "_minus_ones_cache", None)
+        if cached is None or cached.shape != index.shape or cached.dtype != dtype or torch.compiler.is_compiling():
+            cached = torch.full_like(index, -1, dtype=dtype)
+            if not torch.compiler.is_compiling():
+                self._minus_ones_cache = cached
+        return cached
+
     def _normalize_backward(self, d_y: torch.Tensor, block: HiddenLayer, saved: tuple) -> tuple[torch.Tensor, list]:
+        if isinstance(saved[0], str):  # "fused": torch's batch-norm backward, for `_fused_batch_norm`
+            _, rows, mean, invstd = saved
+            d_h, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward(
+                d_y.reshape(rows.shape), rows, block.gamma.view(-1), block.running_mean.view(-1),
+                block.running_var.view(-1), mean, invstd, True, self.eps, [True, True, True])
+            return d_h.view_as(d_y), [d_gamma.view_as(block.gamma), d_beta.view_as(block.beta)]
         if self.norm == "rms":
             h, inv = saved
             g_dy = d_y * block.gamma

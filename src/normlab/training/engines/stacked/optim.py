@@ -14,7 +14,7 @@ import torch
 
 from normlab.config import TrainConfig
 from normlab.training.engines.stacked.layout import per_model_view, stack_as, unstack_as
-from normlab.training.engines.stacked.model import MatmulGrad, StackedMLP
+from normlab.training.engines.stacked.model import IndexGrad, MatmulGrad, StackedMLP
 from normlab.training.optimizers import param_group_defaults
 
 
@@ -47,7 +47,10 @@ class StackedOptimizer:
     def step(self, grads: list[torch.Tensor | MatmulGrad], lr: float | torch.Tensor) -> None:
         """One update of every parameter from its gradient; `lr` is a float or a (M,) tensor."""
         with torch.no_grad():
-            self.step_count.add_(1)
+            if any(self.buffers):  # the count AdamW's corrections and a saved state need
+                self.step_count.add_(1)
+            plain = self.takes_factored_gradients and isinstance(lr, float)
+            rest_params, rest_grads = [], []
             for param, grad, buffers in zip(self.params, grads, self.buffers):
                 view = (-1,) + (1,) * (param.dim() - 1)
                 rate = lr if isinstance(lr, float) else lr.view(view)
@@ -56,10 +59,20 @@ class StackedOptimizer:
                         param.baddbmm_(grad.left * rate, grad.right, alpha=-1.0)
                         continue
                     grad = grad.materialize()
-                if self.kind == "sgd":
+                if isinstance(grad, IndexGrad):
+                    if plain:  # the table's rows take −lr·values in place
+                        param.view(-1, param.shape[-1]).index_add_(0, grad.rows, grad.values, alpha=-lr)
+                        continue
+                    grad = grad.materialize(param)
+                if plain:  # plain SGD with one rate: the other tensors in one foreach call
+                    rest_params.append(param)
+                    rest_grads.append(grad)
+                elif self.kind == "sgd":
                     self._sgd(param, grad, buffers, rate, view)
                 else:
                     self._adamw(param, grad, buffers, rate, view)
+            if rest_params:
+                torch._foreach_add_(rest_params, rest_grads, alpha=-lr)
 
     def _sgd(self, param: torch.Tensor, grad: torch.Tensor, buffers: list[torch.Tensor],
              lr: float | torch.Tensor, view: tuple[int, ...]) -> None:
