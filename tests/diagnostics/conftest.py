@@ -17,7 +17,7 @@ def run_dir(tmp_path_factory):
     model = lesson_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rows = []
-    with Monitor(model, optimizer, every=3, bins=32) as monitor:
+    with Monitor(model, optimizer, every=3, histogram_every=3, bins=32) as monitor:
         for step in range(8):
             monitor.begin_step(step, force=step == 7)
             loss = train_step(model, optimizer, None, step, *batch(step))
