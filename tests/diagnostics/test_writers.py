@@ -23,8 +23,9 @@ def _train(writers, steps=6, every=2, **options):
 def test_a_callback_receives_each_recording_step_as_it_is_recorded():
     received: list[StepRecord] = []
     seen_during_training = []
-    for step, monitor in _train([received.append]):
+    for step, current in _train([received.append]):
         seen_during_training.append((step, [record.step for record in received]))
+        monitor = current
     assert seen_during_training[2] == (2, [0, 2])  # flush_seconds=0: at once, not at the end
     assert [record.step for record in received] == [0, 2, 4]
     first = received[0]
@@ -61,7 +62,8 @@ def test_weights_and_biases_logs_every_recording_step_offline(tmp_path, monkeypa
     logged = []
     original_log = writer.run.log
     monkeypatch.setattr(writer.run, "log", lambda row, *a, **k: (logged.append(row), original_log(row, *a, **k)))
-    for step, monitor in _train([writer], steps=5, histogram_every=4):
+    for step, current in _train([writer], steps=5, histogram_every=4):
+        monitor = current
         if step == 4:  # before the run finishes (the writer started it, so closing the monitor finishes it)
             summary = dict(writer.run.summary)
     diagnostics = monitor.diagnostics
