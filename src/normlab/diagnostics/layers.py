@@ -63,6 +63,7 @@ _NORM_NAME = re.compile(r"Norm(\d+d)?$|^_NormBase$|^_BatchNorm$|^_InstanceNorm$"
 _CHANNEL_NORM_NAME = re.compile(r"^(Sync)?BatchNorm(\d+d)?$|^InstanceNorm\d+d$|^GroupNorm$|^LocalResponseNorm$|"
                                 r"^_BatchNorm$|^_InstanceNorm$")
 _POOL_NAME = re.compile(r"Pool(\d+d|Nd)?$")
+_SOFT_END = re.compile(r"(GELU|Gelu|SiLU|Silu|Swish|Mish|LeakyReLU|PReLU|(?<!R)ELU)$")
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,23 @@ def _classify_name(name: str) -> LayerKind | None:
         return LayerKind(NORM)
     if _POOL_NAME.search(name):
         return LayerKind(POOL, unit_axis=CHANNEL_AXIS)
+    return _classify_other_activation(name)
+
+
+def _classify_other_activation(name: str) -> LayerKind | None:
+    """Activations of other libraries by how their name ends (transformers' ``NewGELUActivation``,
+    ``SiLUActivation``, a user's ``FastGELU``...)."""
+    core = name.removesuffix("Activation")
+    if _SOFT_END.search(core):
+        return LayerKind(ACTIVATION, gate=SOFT, unit_axis=None)
+    if core.endswith("ReLU"):
+        return LayerKind(ACTIVATION, gate=HARD, unit_axis=None)
+    if core.endswith("Tanh"):
+        return LayerKind(ACTIVATION, bound=TANH, unit_axis=None)
+    if core.endswith("Sigmoid") and not core.endswith("LogSigmoid"):
+        return LayerKind(ACTIVATION, bound=SIGMOID, unit_axis=None)
+    if core != name:
+        return LayerKind(ACTIVATION, unit_axis=None)
     return None
 
 

@@ -13,12 +13,19 @@ from normlab.diagnostics.writers import TensorBoardWriter
 
 
 def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The ``torch.optim.Optimizer`` inside a trainer's wrapper (accelerate's, Lightning's), or None."""
+    """The ``torch.optim.Optimizer`` inside a trainer's wrapper (accelerate's, Lightning's), or None.
+
+    accelerate's wrapper is itself an Optimizer subclass, but its step hooks live on the optimizer it wraps.
+    """
     for _ in range(4):
-        if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+        if isinstance(inner, torch.optim.Optimizer):
+            optimizer = inner
+        elif optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
             return optimizer
-        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
-    return None
+        else:
+            return None
+    return optimizer
 
 
 def world_group(world_size: int) -> Any:
