@@ -1,11 +1,13 @@
 """Turn the tensors captured during one recording step into statistics.
 
-A recording step captures every recorded tensor either as a copy (small tensors, and every tensor on a
-histogram step) or as its sums taken at once with torch where it lies (tensors of :data:`IMMEDIATE_ELEMENTS`
-or more on the other steps: no copy, two passes over the data). :func:`summarise` then computes all the
-statistics of the copies together with numpy, on float64 values (float64 models keep every bit; bfloat16 and
-float16 ones are copied as float32), in groups of at most :data:`CHUNK_ELEMENTS` elements, and returns a
-:class:`StepRecord`. Copies on a GPU are moved to the host group by group.
+On a histogram step every recorded tensor is captured as a copy, and :func:`summarise` computes all their
+statistics and histograms together with numpy, on float64 values, in groups of at most :data:`CHUNK_ELEMENTS`
+elements. On the other recording steps module outputs, their gradients and (for models above
+``SMALL_MODEL_ELEMENTS`` parameters, see the monitor) the parameters are reduced at once where they lie, without a
+copy: with numpy on views of tensors in CPU memory, with torch on a device (:func:`immediate_sums`); small models'
+parameters are copied flat and summarised with numpy, several steps together (:func:`summarise_all`). Float64
+models keep every bit; bfloat16 and float16 ones are summarised in float32. Copies on a GPU are moved to the host
+group by group. Each step becomes a :class:`StepRecord`.
 
 With a :class:`~normlab.diagnostics.distributed.Reducer` the statistics of module outputs and of their
 gradients are over the global batch: partial sums, saturated counts, flags of units and histogram counts (over
