@@ -73,3 +73,15 @@ def test_weights_and_biases_logs_every_recording_step_offline(tmp_path, monkeypa
     assert isinstance(logged[0]["diagnostics/hist_act/4"], wandb.Histogram)
     assert "diagnostics/hist_act/4" not in logged[1]  # histograms only on histogram steps
     assert list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))  # the offline run file, ready to sync
+
+
+def test_the_training_loops_metric_rows_stream_to_tensorboard_too(tmp_path):
+    accumulator_module = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator", reason="the tensorboard extra is not installed"
+    )
+    writer = TensorBoardWriter(tmp_path)
+    for step in range(3):
+        writer.log_metrics({"step": step, "train_loss": 3.0 - step, "lr": 0.1})
+    events = accumulator_module.EventAccumulator(str(tmp_path)).Reload()  # before the writer is closed
+    assert [(e.step, e.value) for e in events.Scalars("metrics/train_loss")] == [(0, 3.0), (1, 2.0), (2, 1.0)]
+    writer.close()

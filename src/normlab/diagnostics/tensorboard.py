@@ -62,7 +62,7 @@ def export_tensorboard(
         for (layer, metric), histograms in sorted(diagnostics.histograms.items()):
             for step, histogram in sorted(histograms.items()):
                 add_histogram(writer, layer, metric, histogram, step)
-        _export_metrics(writer, metrics_rows or [])
+        export_metrics(writer, metrics_rows or [])
     return logdir
 
 
@@ -89,7 +89,8 @@ def add_histogram(writer: Any, layer: str, metric: str, histogram: Histogram, st
     )
 
 
-def _export_metrics(writer: object, rows: Sequence[dict]) -> None:
+def export_metrics(writer: object, rows: Sequence[dict]) -> None:
+    """Add ``metrics.jsonl`` rows to a ``SummaryWriter``: ``metrics/<key>`` per step, ``final/<split>``."""
     last_step = 0
     for row in rows:
         step = row.get("step")

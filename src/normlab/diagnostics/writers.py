@@ -87,6 +87,14 @@ class TensorBoardWriter:
             for layer, metric, histogram in record.histograms:
                 add_histogram(self._writer, layer, metric, histogram, record.step)
 
+    def log_metrics(self, row: dict) -> None:
+        """Add one ``metrics.jsonl`` row of the training loop (``step`` with ``train_loss``, ``val_loss``, ``lr``,
+        ``elapsed_s``; or the ``"final"`` event) under the tags :func:`export_tensorboard` uses, and flush."""
+        from normlab.diagnostics.tensorboard import export_metrics
+
+        export_metrics(self._writer, [row])
+        self._writer.flush()
+
     def flush(self) -> None:
         """Write the pending events to disk."""
         self._writer.flush()
