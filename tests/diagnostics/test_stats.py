@@ -266,3 +266,12 @@ def test_bad_arguments_name_the_value():
         _raw([[0.0, 1.0]], 0)
     with pytest.raises(ValueError, match="lengths"):
         stats.host_segments([])
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.3, 1.0, 1e4], ids=["centred", "small-mean", "mean-like-spread", "far"])
+def test_array_sums_of_large_arrays_match_float64_whatever_the_mean(offset):
+    values = np.random.default_rng(0).normal(size=100_000).astype(np.float32) + np.float32(offset)
+    total, deviations = stats.array_sums(values)
+    wide = values.astype(np.float64)
+    assert total == pytest.approx(wide.sum(), rel=1e-6, abs=1e-2)
+    assert deviations == pytest.approx(((wide - wide.mean()) ** 2).sum(), rel=2e-6)
