@@ -17,9 +17,9 @@ or the explicit protocol, which an engine drives (and the callbacks of :mod:`nor
     monitor.end_step(loss)            # keeps what the hooks captured; statistics follow in batches
 
 Hooks exist only during recording steps (with ``every=1`` they stay, since every step records), so every
-other step runs exactly the code of an unmonitored model. A recording step captures its tensors (small ones as
-copies, large ones as sums taken at once with torch, see :mod:`normlab.diagnostics.collect`); their statistics
-are computed in batches of up to :data:`BATCH_RECORDINGS` recording steps, where the code runs warm, or
+other step runs exactly the code of an unmonitored model. A recording step captures its tensors (copies on
+histogram steps, sums taken at once without copies on the others, see :mod:`normlab.diagnostics.capture`); their
+statistics are computed in batches of up to :data:`BATCH_RECORDINGS` recording steps, where the code runs warm, or
 whenever :attr:`Monitor.diagnostics`, :meth:`Monitor.save` or :meth:`Monitor.close` need them, or writers wait
 longer than ``flush_seconds``. Histograms cost several times the scalars, so they are taken every
 ``histogram_every`` steps (default: on every tenth recording step, and at most every 100 steps: 1000 for
@@ -46,7 +46,8 @@ from torch.utils.hooks import RemovableHandle
 
 from normlab.diagnostics import collect
 from normlab.diagnostics import metrics as m
-from normlab.diagnostics.collect import Capture, Piece, StepRecord, capture_gradient, capture_output, summarise_all
+from normlab.diagnostics.capture import Capture, Piece, capture_gradient, capture_output, flatten, immediate_sums
+from normlab.diagnostics.collect import StepRecord, summarise_all
 from normlab.diagnostics.distributed import AUTO, Reducer, resolve_process_group, unwrap
 from normlab.diagnostics.layers import ACTIVATION, LAST_AXIS, select_modules
 from normlab.diagnostics.storage import Diagnostics, ModuleInfo, ParameterInfo, save_diagnostics
@@ -424,11 +425,11 @@ class Monitor:
         if copied:
             capture.values.append(
                 Piece([(n, m.HIST_PARAM) for n, _ in copied], [p.numel() for _, p in copied],
-                      tensor=collect.flatten([p for _, p in copied]))
+                      tensor=flatten([p for _, p in copied]))
             )
         for name, parameter in taken:
             capture.values.append(Piece([(name, m.HIST_PARAM)], [parameter.numel()],
-                                        sums=collect.immediate_sums(parameter)))
+                                        sums=immediate_sums(parameter)))
             if self._optimizer is not None:
                 capture.snapshots.append(parameter.detach().clone())
 
@@ -442,13 +443,13 @@ class Monitor:
             grads = [grad.to_dense() if grad.is_sparse else grad for _, grad in with_grad]
             capture.grads.append(
                 Piece([(n, m.HIST_PARAM_GRAD) for n, _ in with_grad], [g.numel() for g in grads],
-                      tensor=collect.flatten(grads))
+                      tensor=flatten(grads))
             )
         for name, parameter in taken:
             if parameter.grad is not None:
                 grad = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad
                 capture.grads.append(Piece([(name, m.HIST_PARAM_GRAD)], [grad.numel()],
-                                           sums=collect.immediate_sums(grad)))
+                                           sums=immediate_sums(grad)))
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         capture = self._capture
@@ -466,10 +467,10 @@ class Monitor:
             before = capture.values[0].tensor
             capture.updates.append(
                 Piece([(n, collect.UPDATE) for n, _ in copied], [p.numel() for _, p in copied],
-                      tensor=collect.flatten([p for _, p in copied]), minus=before)
+                      tensor=flatten([p for _, p in copied]), minus=before)
             )
         for (name, parameter), snapshot in zip(taken, capture.snapshots, strict=True):
             update = parameter.detach() - snapshot
             capture.updates.append(Piece([(name, collect.UPDATE)], [parameter.numel()],
-                                         sums=collect.immediate_sums(update)))
+                                         sums=immediate_sums(update)))
         capture.snapshots.clear()
