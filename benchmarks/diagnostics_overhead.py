@@ -1,19 +1,21 @@
-"""Benchmark: training time with and without ``normlab.diagnostics.Monitor(every=100)``, side by side.
+"""Benchmark: training time with a Monitor recording every step and every 100 steps, against no monitor.
 
-The model is normlab's ``lesson-batchnorm`` preset (normlab.nn layers, the reference path that ``normlab train
---diagnose`` uses), trained with SGD at lr 0.1 and batch 32 on batches of the bundled names drawn with a fixed
-seed. Two identical models train in the same process, one
-without and one with a Monitor, in alternating blocks of ``--block`` steps (the order swapped every block),
-so that a shared machine's changing load hits both alike. Reports wall and CPU time per variant (the monitored
-one including the final ``close()``, which summarises the recording steps still pending), the overhead ratio
-(target: at most +5%) from the totals and as the median over pairs of neighbouring blocks (robust to load
-spikes), and the cost of one recording step: its capture (the median recording step minus the median other
-step) and in all (the mean recording step, batched summaries and final close included, minus the median
-other step).
-Runs on ``--threads`` torch threads (default 1: a tiny model gains nothing from more, and on a shared machine
-more threads make the timings noisy). Prints a table and one JSON line.
+Two models, each trained with SGD (lr 0.1) on batches of the bundled names drawn with a fixed seed:
 
-    python benchmarks/diagnostics_overhead.py [--steps 20000] [--every 100] [--block 500]
+- ``lesson``: normlab's ``lesson-batchnorm`` preset (normlab.nn layers, what ``normlab train --diagnose`` runs),
+  batch 32; targets: every step <= 2x the unmonitored time, every 100 steps <= +2%;
+- ``wide``: a realistic CPU model in torch.nn, four hidden layers of 1,024 (Linear, BatchNorm1d, Tanh), batch
+  256; targets: every step <= 1.5x, every 100 steps <= +2%.
+
+For each model three identical copies train in the same process (no monitor, ``Monitor(every=1)``,
+``Monitor(every=100)``) in alternating blocks of steps, the order rotated every block, so that a shared
+machine's changing load hits all alike. The ratio of each monitored variant is reported from the totals of wall
+time and of the process's CPU time (which waiting for a core shared with other work does not count), and as the
+median over the blocks of the ratio to the plain block next to it (robust to load spikes); the monitored totals
+include the final ``close()``, which summarises the recording steps still pending. Runs on one torch thread
+(``--threads``). Prints a table and one JSON line.
+
+    python benchmarks/diagnostics_overhead.py [--models lesson wide] [--lesson-steps 20000] [--wide-steps 1000]
 """
 
 from __future__ import annotations
@@ -22,158 +24,173 @@ import argparse
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlab.config import config_for_preset
+from normlab.config import get_preset
+from normlab.data import Vocab, load_words, make_splits
 from normlab.diagnostics import Monitor
 from normlab.model import build_model
-from normlab.runs.commands import load_data
 
-BATCH, LEARNING_RATE, DATA_BATCHES = 32, 0.1, 1000
-CONFIG = config_for_preset("lesson-batchnorm")
-VOCAB, SPLITS = load_data(CONFIG)
+DATA_BATCHES = 500
+LEARNING_RATE = 0.1
+TARGETS = {"lesson": (2.0, 0.02), "wide": (1.5, 0.02)}  # (every step: at most this ratio, every 100: overhead)
 
 
-def build(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
-    """normlab's lesson-batchnorm model and its SGD optimizer."""
-    model = build_model(CONFIG.model, len(VOCAB), seed=seed)
-    return model, torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+def lesson_model(vocab_size: int) -> tuple[nn.Module, int]:
+    """normlab's lesson-batchnorm model, its context length."""
+    config = get_preset("lesson-batchnorm").model
+    return build_model(config, vocab_size, seed=0), config.block_size
+
+
+def wide_model(vocab_size: int) -> tuple[nn.Module, int]:
+    """Embedding, four [Linear(1024, no bias), BatchNorm1d, Tanh] layers and an output Linear, in torch.nn."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Embedding(vocab_size, 24), nn.Flatten()]
+    width = 3 * 24
+    for _ in range(4):
+        layers += [nn.Linear(width, 1024, bias=False), nn.BatchNorm1d(1024), nn.Tanh()]
+        width = 1024
+    layers.append(nn.Linear(width, vocab_size))
+    return nn.Sequential(*layers), 3
+
+
+MODELS: dict[str, tuple[Callable[[int], tuple[nn.Module, int]], int]] = {
+    "lesson": (lesson_model, 32),
+    "wide": (wide_model, 256),
+}
 
 
 @dataclass
 class Trainer:
-    """One model under training, optionally monitored, that can run a block of steps and time it."""
+    """One model under training, optionally monitored, that runs blocks of steps and times them."""
 
+    model: nn.Module
+    data: tuple[torch.Tensor, torch.Tensor]
     every: int | None
-    seed: int = 0
     step: int = 0
     wall_s: float = 0.0
     cpu_s: float = 0.0
-    closing_s: float = 0.0
     blocks: list[float] = field(default_factory=list)
-    recording_steps: list[float] = field(default_factory=list)
-    other_steps: list[float] = field(default_factory=list)
-    data: tuple[torch.Tensor, torch.Tensor] = field(init=False)
+    cpu_blocks: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        generator = torch.Generator().manual_seed(self.seed)
-        x, y = SPLITS.train
-        index = torch.randint(0, len(x), (DATA_BATCHES, BATCH), generator=generator)
-        self.data = (x[index], y[index])
-        self.model, self.optimizer = build(self.seed)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=LEARNING_RATE)
         self.monitor = Monitor(self.model, self.optimizer, every=self.every) if self.every else None
 
     def run(self, steps: int) -> None:
-        """Train ``steps`` more steps, adding their wall and CPU time to the totals."""
+        """Train ``steps`` more steps, adding their wall time to the totals."""
         inputs, targets = self.data
         model, optimizer, monitor = self.model, self.optimizer, self.monitor
-        wall, cpu = time.perf_counter(), time.process_time()
+        started, cpu = time.perf_counter(), time.process_time()
         for step in range(self.step, self.step + steps):
-            started = time.perf_counter()
-            x, y = inputs[step % DATA_BATCHES], targets[step % DATA_BATCHES]
-            recording = monitor is not None and monitor.begin_step(step)
-            loss = F.cross_entropy(model(x), y)
+            if monitor is not None:
+                monitor.begin_step(step)
+            loss = F.cross_entropy(model(inputs[step % DATA_BATCHES]), targets[step % DATA_BATCHES])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if monitor is not None:
                 monitor.end_step(loss)
-            (self.recording_steps if recording else self.other_steps).append(time.perf_counter() - started)
-        self.blocks.append(time.perf_counter() - wall)
+        self.blocks.append(time.perf_counter() - started)
+        self.cpu_blocks.append(time.process_time() - cpu)
         self.wall_s += self.blocks[-1]
-        self.cpu_s += time.process_time() - cpu
+        self.cpu_s += self.cpu_blocks[-1]
         self.step += steps
 
     def finish(self) -> None:
         """Close the monitor, timing it as part of the last block (it summarises the pending steps)."""
-        wall, cpu = time.perf_counter(), time.process_time()
+        started, cpu = time.perf_counter(), time.process_time()
         if self.monitor is not None:
             self.monitor.close()
-        self.closing_s = time.perf_counter() - wall
-        self.blocks[-1] += self.closing_s
-        self.wall_s += self.closing_s
-        self.cpu_s += time.process_time() - cpu
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+        self.blocks[-1] += elapsed
+        self.cpu_blocks[-1] += cpu
+        self.wall_s += elapsed
+        self.cpu_s += cpu
 
     def reset(self) -> None:
         """Forget the timings so far (after the warm-up)."""
-        self.wall_s = self.cpu_s = 0.0
-        self.blocks, self.recording_steps, self.other_steps = [], [], []
+        self.wall_s, self.cpu_s, self.blocks, self.cpu_blocks = 0.0, 0.0, [], []
+
+
+def batches(splits_train: tuple[torch.Tensor, torch.Tensor], batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DATA_BATCHES batches of ``batch`` examples drawn with a fixed seed."""
+    inputs, targets = splits_train
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randint(0, len(inputs), (DATA_BATCHES, batch), generator=generator)
+    return inputs[rows], targets[rows]
+
+
+def measure(name: str, steps: int, block: int) -> dict:
+    """Train the three variants of model ``name`` side by side; return its figures."""
+    make, batch = MODELS[name]
+    words = load_words()
+    vocab = Vocab.from_words(words)
+    _, block_size = make(len(vocab))
+    data = batches(make_splits(words, vocab, block_size).train, batch)
+    trainers = {variant: Trainer(make(len(vocab))[0], data, every) for variant, every in
+                (("plain", None), ("every 1", 1), ("every 100", 100))}
+    for trainer in trainers.values():  # allocator, thread pools, first-call costs
+        trainer.run(max(block // 5, 20))
+        trainer.reset()
+    order = list(trainers.values())
+    for number in range(-(-steps // block)):
+        size = min(block, steps - number * block)
+        for trainer in order[number % 3:] + order[: number % 3]:
+            trainer.run(size)
+    for trainer in trainers.values():
+        trainer.finish()
+    plain = trainers["plain"]
+    figures = {"model": name, "steps": steps, "batch": batch, "step_ms": round(plain.wall_s / steps * 1e3, 4),
+               "cpu_step_ms": round(plain.cpu_s / steps * 1e3, 4)}
+    for variant in ("every 1", "every 100"):
+        monitored = trainers[variant]
+        paired = statistics.median(m / p for m, p in zip(monitored.blocks, plain.blocks))
+        cpu_paired = statistics.median(m / p for m, p in zip(monitored.cpu_blocks, plain.cpu_blocks))
+        figures[variant] = {
+            "ratio": round(monitored.wall_s / plain.wall_s, 4), "paired_median_ratio": round(paired, 4),
+            "cpu_ratio": round(monitored.cpu_s / plain.cpu_s, 4), "cpu_paired_median_ratio": round(cpu_paired, 4),
+        }
+    return figures
 
 
 def main() -> None:
     """Run the benchmark and print the table and the JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20_000, help="training steps of each variant")
-    parser.add_argument("--every", type=int, default=100, help="the monitor records every N steps")
-    parser.add_argument("--block", type=int, default=500, help="steps per block of the alternation")
+    parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=["lesson", "wide"])
+    parser.add_argument("--lesson-steps", type=int, default=20_000, help="training steps of each lesson variant")
+    parser.add_argument("--wide-steps", type=int, default=1_000, help="training steps of each wide variant")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noisy)")
     args = parser.parse_args()
-    if min(args.steps, args.every, args.block, args.threads) < 1:
-        parser.error("--steps, --every, --block and --threads must be >= 1")
+    if min(args.lesson_steps, args.wide_steps, args.threads) < 1:
+        parser.error("--lesson-steps, --wide-steps and --threads must be >= 1")
     torch.set_num_threads(args.threads)
-
-    plain, monitored = Trainer(None), Trainer(args.every)
-    for warm_up in (plain, monitored):  # allocator, thread pools, first-call costs
-        warm_up.run(200)
-        warm_up.reset()
-    blocks = -(-args.steps // args.block)
-    for block in range(blocks):
-        size = min(args.block, args.steps - block * args.block)
-        for trainer in (plain, monitored) if block % 2 == 0 else (monitored, plain):
-            trainer.run(size)
-    plain.finish()
-    monitored.finish()
-
-    wall_overhead = monitored.wall_s / plain.wall_s - 1
-    cpu_overhead = monitored.cpu_s / plain.cpu_s - 1
-    # each monitored block against the plain block next to it: robust to the machine's load changing
-    paired_overhead = (
-        statistics.median(m / p for m, p in zip(monitored.blocks, plain.blocks, strict=True)) - 1
-    )
-    recordings = len(monitored.recording_steps)
-    other_step = statistics.median(monitored.other_steps)
-    capture_ms = (statistics.median(monitored.recording_steps) - other_step) * 1e3
-    recording_ms = (statistics.mean(monitored.recording_steps) - other_step + monitored.closing_s / recordings) * 1e3
-    step_ms = statistics.median(plain.other_steps) * 1e3
-    print(
-        f"lesson-batchnorm (normlab reference path), {args.steps} steps per variant in blocks of {args.block}, "
-        f"batch {BATCH}, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
-    )
-    plain_line = f"wall {plain.wall_s:7.2f} s  cpu {plain.cpu_s:7.2f} s  ({step_ms:.3f} ms/step)"
-    print(f"  no monitor         : {plain_line}")
-    print(
-        f"  Monitor(every={args.every:<4}): wall {monitored.wall_s:7.2f} s  cpu {monitored.cpu_s:7.2f} s  "
-        f"({recordings} recording steps)"
-    )
-    print(
-        f"  overhead           : wall {wall_overhead:+.2%}  cpu {cpu_overhead:+.2%}  "
-        f"median of paired blocks {paired_overhead:+.2%}  (target <= +5%)"
-    )
-    print(
-        f"  one recording step : {recording_ms:.2f} ms on top of a {step_ms:.3f} ms step, its statistics "
-        f"included (capture alone: {capture_ms:.2f} ms, median)"
-    )
-    record = {
-        "benchmark": "diagnostics_overhead",
-        "steps": args.steps,
-        "every": args.every,
-        "block": args.block,
-        "plain_wall_s": round(plain.wall_s, 4),
-        "monitored_wall_s": round(monitored.wall_s, 4),
-        "plain_cpu_s": round(plain.cpu_s, 4),
-        "monitored_cpu_s": round(monitored.cpu_s, 4),
-        "overhead_wall": round(wall_overhead, 4),
-        "overhead_cpu": round(cpu_overhead, 4),
-        "overhead_paired_median": round(paired_overhead, 4),
-        "recording_step_ms": round(recording_ms, 3),
-        "capture_ms": round(capture_ms, 3),
-        "plain_step_ms": round(step_ms, 4),
-    }
-    print(json.dumps(record))
+    results = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); ratios: monitored / unmonitored wall time")
+    header = f"{'model':8} {'steps':>6} {'batch':>5} {'step ms':>8}"
+    print(f"{header}   {'every 1 (target)':>24}   {'every 100 (target)':>26}")
+    for name in args.models:
+        steps = args.lesson_steps if name == "lesson" else args.wide_steps
+        figures = measure(name, steps, block=max(steps // 20, 10))
+        results.append(figures)
+        every_step, every_hundred = TARGETS[name]
+        one, hundred = figures["every 1"], figures["every 100"]
+        print(
+            f"{name:8} {steps:>6} {figures['batch']:>5} {figures['step_ms']:>8.3f}   "
+            f"{one['ratio']:5.2f}x (paired {one['paired_median_ratio']:4.2f}x, <= {every_step}x)   "
+            f"{hundred['ratio'] - 1:+6.1%} (paired {hundred['paired_median_ratio'] - 1:+5.1%}, <= +{every_hundred:.0%})"
+        )
+        print(
+            f"{'  cpu':8} {'':>6} {'':>5} {figures['cpu_step_ms']:>8.3f}   "
+            f"{one['cpu_ratio']:5.2f}x (paired {one['cpu_paired_median_ratio']:4.2f}x){'':>10}   "
+            f"{hundred['cpu_ratio'] - 1:+6.1%} (paired {hundred['cpu_paired_median_ratio'] - 1:+5.1%})"
+        )
+    print(json.dumps({"benchmark": "diagnostics_overhead", "threads": args.threads, "results": results}))
 
 
 if __name__ == "__main__":

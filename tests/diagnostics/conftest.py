@@ -10,6 +10,15 @@ from normlab.diagnostics import Monitor
 from .models import VOCAB, batch, lesson_mlp, train_step
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one torch thread, and on a shared machine more threads only wait for each other."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory):
     """A run directory as training writes it: config.json, vocab.json, metrics.jsonl and diagnostics/."""
@@ -17,7 +26,7 @@ def run_dir(tmp_path_factory):
     model = lesson_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rows = []
-    with Monitor(model, optimizer, every=3, bins=32) as monitor:
+    with Monitor(model, optimizer, every=3, histogram_every=3, bins=32) as monitor:
         for step in range(8):
             monitor.begin_step(step, force=step == 7)
             loss = train_step(model, optimizer, None, step, *batch(step))

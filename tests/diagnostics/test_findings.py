@@ -33,7 +33,8 @@ def test_tanh_weights_times_ten_saturate_every_tanh_layer():
     findings = find_issues(_inspect(tanh_mlp(weight_scale=10.0)))
     saturated = [f for f in findings if f.rule == "saturation"]
     assert [f.layer for f in saturated] == ["3", "5", "7"]
-    assert all(f.step == 0 and "5%" in f.message and "|t| > 0.97" in f.message for f in saturated)
+    assert all(f.severity == "warning" for f in saturated)
+    assert all(f.step == 0 and "25%" in f.message and "|t| > 0.97" in f.message for f in saturated)
     assert "5/3" in saturated[0].remedy and "BatchNorm" in saturated[0].remedy
 
 
@@ -47,6 +48,7 @@ def test_a_relu_layer_with_a_large_negative_bias_is_dead():
     findings = [f for f in find_issues(_inspect(model)) if f.rule == "dead-units"]
     assert len(findings) == 1 and findings[0].layer == "3"
     assert "100.0% dead" in findings[0].message and "10%" in findings[0].message
+    assert findings[0].severity == "warning" and "exactly zero" in findings[0].message
 
 
 def test_an_output_layer_times_ten_is_confidently_wrong():
@@ -88,11 +90,13 @@ def test_update_to_data_far_from_one_in_a_thousand(learning_rate, verdict):
     model = lesson_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate)
     with Monitor(model, optimizer, every=1) as monitor:
-        for step in range(2):
+        for step in range(4):
             train_step(model, optimizer, monitor, step, *batch(step))
     findings = [f for f in find_issues(monitor.diagnostics) if f.rule == "update-to-data"]
     assert findings and all(verdict in f.message and "0.001" in f.message for f in findings)
+    assert any(f.severity == "warning" for f in findings)
     assert {f.layer for f in findings} <= {"0.weight", "2.weight", "5.weight"}  # weight matrices only
+    assert all(f.step > 0 for f in findings)  # judged after the first step
 
 
 def test_a_nan_weight_is_an_error_pointing_at_the_first_layer_it_reaches():
@@ -109,6 +113,7 @@ def test_every_rule_is_described_and_bad_vocab_sizes_raise():
     assert set(RULES) == {
         "saturation",
         "dead-units",
+        "negative-units",
         "initial-loss",
         "update-to-data",
         "vanishing-gradients",
@@ -117,3 +122,39 @@ def test_every_rule_is_described_and_bad_vocab_sizes_raise():
     }
     with pytest.raises(ValueError, match="vocab_size"):
         find_issues(Diagnostics(), vocab_size=1)
+
+
+def test_silu_units_negative_everywhere_are_an_observation_not_dead():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias[:6] = -6.0  # six of sixteen units below zero for every input
+    inputs = torch.randn(64, 8) * 0.3
+    diagnostics = inspect_model(model, inputs, torch.randint(0, 4, (64,)))
+    hidden = model[0](inputs)
+    hidden.retain_grad()
+    nn.functional.cross_entropy(model[2](model[1](hidden)), torch.randint(0, 4, (64,))).backward()
+    assert (hidden.grad[:, :6].abs() > 0).all()  # they do receive gradient: not dead
+    assert diagnostics.layers(m.ACT_DEAD) == []
+    assert diagnostics.value("1", m.ACT_NEGATIVE, 0) == pytest.approx(6 / 16)
+    findings = find_issues(diagnostics)
+    assert _rules(findings) == ["negative-units"]
+    assert findings[0].severity == "info" and "not dead" in findings[0].message and "SiLU" in findings[0].message
+
+
+def test_a_relu_with_the_same_units_below_zero_has_dead_units():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    with torch.no_grad():
+        model[0].bias[:6] = -6.0
+    diagnostics = inspect_model(model, torch.randn(64, 8) * 0.3, torch.randint(0, 4, (64,)))
+    assert diagnostics.value("1", m.ACT_DEAD, 0) == pytest.approx(6 / 16)
+    assert [f.rule for f in find_issues(diagnostics)] == ["dead-units"]
+
+
+def test_findings_come_worst_first():
+    diagnostics = Diagnostics()
+    diagnostics.modules["act"] = _tanh_info("act", 0)
+    diagnostics.add_scalar(0, "act", m.ACT_SATURATED, 0.1)  # an observation
+    diagnostics.add_scalar(3, "", m.LOSS, float("nan"))  # an error, later
+    assert [f.severity for f in find_issues(diagnostics)] == ["error", "info"]

@@ -4,7 +4,19 @@ import pytest
 import torch
 from torch import nn
 
-from normlab.diagnostics.layers import ACTIVATION, EMBEDDING, LINEAR, NORM, OTHER, classify, select_modules
+from normlab.diagnostics.layers import (
+    ACTIVATION,
+    ATTENTION,
+    CONV,
+    EMBEDDING,
+    LINEAR,
+    NORM,
+    OTHER,
+    POOL,
+    RECURRENT,
+    classify,
+    select_modules,
+)
 
 from .models import lesson_mlp
 
@@ -16,7 +28,7 @@ from .models import lesson_mlp
         (nn.Sigmoid(), ACTIVATION, "sigmoid", False),
         (nn.ReLU(), ACTIVATION, None, True),
         (nn.ReLU6(), ACTIVATION, None, True),  # a subclass of Hardtanh in torch, but ReLU-like
-        (nn.GELU(), ACTIVATION, None, True),
+        (nn.GELU(), ACTIVATION, None, True),  # ReLU-like, with a soft gate (see below)
         (nn.SiLU(), ACTIVATION, None, True),
         (nn.Linear(2, 2), LINEAR, None, False),
         (nn.MultiheadAttention(4, 1).out_proj, LINEAR, None, False),  # NonDynamicallyQuantizableLinear
@@ -43,6 +55,12 @@ def test_a_users_own_class_with_a_known_name_is_recognised():
 
     assert classify(Tanh()).bound == "tanh"
     assert classify(MaskedLinear(2, 2)).family == LINEAR
+
+
+def test_relu_and_relu6_have_hard_gates_and_the_smooth_ones_soft_gates():
+    assert [classify(module).gate for module in (nn.ReLU(), nn.ReLU6())] == ["hard", "hard"]
+    soft = (nn.GELU(), nn.SiLU(), nn.Mish(), nn.ELU(), nn.LeakyReLU(), nn.PReLU(), nn.SELU(), nn.Hardswish())
+    assert {classify(module).gate for module in soft} == {"soft"}
 
 
 def test_default_selection_is_activations_linear_embedding_and_norm_layers():
@@ -80,3 +98,55 @@ def test_bad_include_items_and_models_raise():
         select_modules("not a model")
     with pytest.raises(ValueError, match="no module"):
         select_modules(lesson_mlp(), exclude=["*"])
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "gate", "bound"),
+    [
+        ("NewGELUActivation", ACTIVATION, "soft", None),  # transformers' GPT-2 activation
+        ("SiLUActivation", ACTIVATION, "soft", None),
+        ("FastGELU", ACTIVATION, "soft", None),
+        ("MyReLU", ACTIVATION, "hard", None),
+        ("ScaledTanh", ACTIVATION, None, "tanh"),
+        ("LinearActivation", ACTIVATION, None, None),
+        ("TanhAttentionBlock", OTHER, None, None),  # a name merely containing one is not an activation
+    ],
+)
+def test_other_libraries_activations_are_recognised_by_how_their_name_ends(name, family, gate, bound):
+    module = type(name, (nn.Module,), {"forward": lambda self, x: x})()
+    kind = classify(module)
+    assert (kind.family, kind.gate, kind.bound) == (family, gate, bound)
+
+
+@pytest.mark.parametrize(
+    ("module", "family", "axis"),
+    [
+        (nn.Conv1d(2, 2, 1), CONV, 1),
+        (nn.ConvTranspose2d(2, 2, 1), CONV, 1),
+        (nn.BatchNorm2d(2), NORM, 1),
+        (nn.GroupNorm(1, 2), NORM, 1),
+        (nn.LayerNorm(2), NORM, -1),
+        (nn.MaxPool1d(2), POOL, 1),
+        (nn.GRU(2, 2), RECURRENT, -1),
+        (nn.MultiheadAttention(4, 1), ATTENTION, -1),
+        (nn.Linear(2, 2), LINEAR, -1),
+        (nn.ReLU(), ACTIVATION, None),
+    ],
+)
+def test_unit_axes_are_channels_for_conv_norm_and_pool_outputs_and_features_otherwise(module, family, axis):
+    kind = classify(module)
+    assert (kind.family, kind.unit_axis) == (family, axis)
+
+
+def test_default_selection_covers_every_module_owning_parameters():
+    class Scaled(nn.Module):  # a user's module with its own parameter and an unknown name
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(2))
+            self.inner = nn.Dropout()
+
+        def forward(self, x):
+            return self.inner(x) * self.scale
+
+    model = nn.Sequential(nn.Conv1d(1, 2, 1), nn.GRU(2, 2), Scaled(), nn.Dropout())
+    assert [name for name, _, _ in select_modules(model)] == ["0", "1", "2"]

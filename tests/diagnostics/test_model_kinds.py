@@ -57,7 +57,7 @@ class ResidualModel(nn.Module):
 
 def _train(model, steps=3):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with Monitor(model, optimizer, every=1) as monitor:
+    with Monitor(model, optimizer, every=1, histogram_every=1) as monitor:
         for step in range(steps):
             train_step(model, optimizer, monitor, step, *batch(step))
     assert count_forward_hooks(model) == 0
@@ -94,17 +94,19 @@ def test_transformer_encoder_model():
         f"encoder.layers.{i}.{part}" for i in range(2) for part in ("linear1", "linear2", "norm1", "norm2")
     ]
     _assert_complete(diagnostics, ["embedding", "head", *layers])
-    # the attention's output projection is called through its weight, never through forward: parameters only
+    # the attention's output projection is called through its weight, never through forward: parameters only;
+    # the attention module itself is recorded through its first output
     assert "encoder.layers.0.self_attn.out_proj.weight" in diagnostics.parameters
+    _assert_complete(diagnostics, ["encoder.layers.0.self_attn"])
 
 
 def test_model_with_gelu_silu_layernorm_and_residual_connections():
     diagnostics = _train(ResidualModel())
     _assert_complete(diagnostics, ["blocks.0.act", "blocks.1.act", "blocks.0.norm", "norm", "head"])
     assert [diagnostics.modules[name].type for name in ("blocks.0.act", "blocks.1.act")] == ["GELU", "SiLU"]
-    for layer in ("blocks.0.act", "blocks.1.act"):  # dead share applies to ReLU-like units, on 3-D outputs
-        assert 0 <= diagnostics.value(layer, m.ACT_DEAD, 0) <= 1
-    assert diagnostics.layers(m.ACT_SATURATED) == []
+    for layer in ("blocks.0.act", "blocks.1.act"):  # never-positive share applies to GELU/SiLU, on 3-D outputs
+        assert 0 <= diagnostics.value(layer, m.ACT_NEGATIVE, 0) <= 1
+    assert diagnostics.layers(m.ACT_SATURATED) == [] and diagnostics.layers(m.ACT_DEAD) == []
 
 
 @pytest.mark.parametrize("activation", [nn.Sigmoid(), nn.ReLU()])
@@ -134,7 +136,7 @@ def test_normlab_presets(preset):
     config = get_preset(preset).model
     model = build_model(config, VOCAB)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Monitor(model, optimizer, every=1) as monitor:
+    with Monitor(model, optimizer, every=1, histogram_every=1) as monitor:
         for step in range(3):
             tokens, targets = batch(step)
             tokens = tokens[:, :1].expand(-1, config.block_size).contiguous()  # contexts of the preset's length

@@ -4,14 +4,15 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from normlab.diagnostics import Diagnostics, Histogram, load_diagnostics, plot_all, read_metrics
+from normlab.diagnostics import Diagnostics, Histogram, load_diagnostics, plot_all
 from normlab.diagnostics.figures import distribution_layers
 from normlab.diagnostics.storage import ModuleInfo
 from normlab.diagnostics.timeplots import rebin
+from normlab.runs.rundir import read_metrics
 
 
 def test_plot_all_draws_the_lesson_plots_and_the_rest(run_dir, tmp_path):
-    paths = plot_all(load_diagnostics(run_dir), tmp_path, read_metrics(run_dir / "metrics.jsonl"))
+    paths = plot_all(load_diagnostics(run_dir), tmp_path, read_metrics(run_dir))
     assert [path.name for path in paths] == [
         "activations_step0.png",
         "activations_step7.png",

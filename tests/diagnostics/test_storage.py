@@ -15,7 +15,7 @@ from .models import batch, lesson_mlp, train_step
 def _record(steps, every=1, seed=0):
     model = lesson_mlp(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = Monitor(model, optimizer, every=every, bins=16)
+    monitor = Monitor(model, optimizer, every=every, histogram_every=every, bins=16)
     for step in steps:
         train_step(model, optimizer, monitor, step, *batch(step))
     monitor.close()

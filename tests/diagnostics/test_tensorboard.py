@@ -5,8 +5,9 @@ import builtins
 import numpy as np
 import pytest
 
-from normlab.diagnostics import Diagnostics, export_tensorboard, load_diagnostics, read_metrics
+from normlab.diagnostics import Diagnostics, export_tensorboard, load_diagnostics
 from normlab.diagnostics import metrics as m
+from normlab.runs.rundir import read_metrics
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator", reason="the tensorboard extra is not installed"
@@ -16,7 +17,7 @@ event_accumulator = pytest.importorskip(
 @pytest.fixture(scope="module")
 def events(run_dir, tmp_path_factory):
     logdir = export_tensorboard(
-        load_diagnostics(run_dir), tmp_path_factory.mktemp("tb"), read_metrics(run_dir / "metrics.jsonl")
+        load_diagnostics(run_dir), tmp_path_factory.mktemp("tb"), read_metrics(run_dir)
     )
     accumulator = event_accumulator.EventAccumulator(
         str(logdir), size_guidance={event_accumulator.SCALARS: 0, event_accumulator.HISTOGRAMS: 0}
@@ -35,7 +36,7 @@ def test_scalars_are_exported_per_metric_and_layer(events, run_dir):
 
 
 def test_metrics_rows_are_exported(events, run_dir):
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_metrics(run_dir)
     exported = events.Scalars("metrics/train_loss")
     logged = [row for row in rows if "train_loss" in row]
     assert [event.step for event in exported] == [row["step"] for row in logged]

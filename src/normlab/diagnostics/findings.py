@@ -16,26 +16,43 @@ from normlab.diagnostics.layers import ACTIVATION
 from normlab.diagnostics.stats import SIGMOID
 from normlab.diagnostics.storage import Diagnostics
 
-SATURATION_LIMIT = 0.05
-"""A tanh/sigmoid-like layer with more than this share of outputs in its flat tails is saturated."""
+SATURATION_GUIDE = 0.05
+"""The lesson's guide: a tanh/sigmoid-like layer with more than this share of outputs in its flat tails is worth a
+look (an observation)."""
+SATURATION_LIMIT = 0.25
+"""More than this share saturated (median over the run) and the layers below learn from few examples: a warning."""
+SATURATED_UNITS_LIMIT = 0.05
+"""More than this share of units saturated for every example: units whose gradient is nearly zero throughout."""
 DEAD_LIMIT = 0.10
-"""A ReLU-like layer with more than this share of units never positive in a batch has too many dead units."""
+"""A ReLU layer with more than this share of units never positive in a batch (median) has too many dead units."""
+NEGATIVE_LIMIT = 0.10
+"""A GELU/SiLU-like layer with more than this share of units never positive is observed (not dead: see the rule)."""
 INITIAL_LOSS_RATIO_LIMIT = 1.5
 """An initial loss above this multiple of -log(1/vocab) (the loss of a uniform guess) is confidently wrong."""
 UPDATE_TO_DATA_TARGET = 1e-3
 """The lesson's rule of thumb for std(update) / std(weights) per step."""
 UPDATE_TO_DATA_FACTOR = 10.0
-"""An update:data ratio (median over the run) more than this factor away from the target is flagged."""
+"""A median update:data ratio more than this factor away from the target is an observation..."""
+UPDATE_TO_DATA_WARNING_FACTOR = 100.0
+"""...and more than this factor away, a warning."""
+WARM_UP_SHARE = 0.1
+"""update:data is judged after the first steps: on the recorded steps past this share of the run."""
 GRADIENT_CHANGE_LIMIT = 10.0
 """Gradient std changing by more than this factor from the last layer to the first: vanishing/exploding."""
 
 RULES = {
-    "saturation": f"a tanh/sigmoid-like layer has more than {SATURATION_LIMIT:.0%} of its outputs saturated",
-    "dead-units": f"a ReLU-like layer has more than {DEAD_LIMIT:.0%} dead units (never positive in a batch)",
+    "saturation": f"a tanh/sigmoid-like layer has more than {SATURATION_GUIDE:.0%} of its outputs saturated "
+    f"(median over the run; a warning above {SATURATION_LIMIT:.0%}, or when more than {SATURATED_UNITS_LIMIT:.0%} "
+    "of its units are saturated for every example)",
+    "dead-units": f"a ReLU/ReLU6 layer has more than {DEAD_LIMIT:.0%} dead units (never positive in a batch, so "
+    "their gradient is exactly zero; median over the run)",
+    "negative-units": f"a GELU/SiLU/ELU/LeakyReLU-like layer has more than {NEGATIVE_LIMIT:.0%} of its units never "
+    "positive (an observation: their gradient is small, not zero)",
     "initial-loss": f"the loss at step 0 is above {INITIAL_LOSS_RATIO_LIMIT}x the uniform-guess loss "
     "-log(1/vocab)",
-    "update-to-data": "a weight matrix's median update:data ratio is more than "
-    f"{UPDATE_TO_DATA_FACTOR:g}x away from {UPDATE_TO_DATA_TARGET:g}",
+    "update-to-data": "a weight matrix's median update:data ratio after the first "
+    f"{WARM_UP_SHARE:.0%} of the run is more than {UPDATE_TO_DATA_FACTOR:g}x away from {UPDATE_TO_DATA_TARGET:g} "
+    f"(a warning beyond {UPDATE_TO_DATA_WARNING_FACTOR:g}x)",
     "vanishing-gradients": f"the gradient std shrinks more than {GRADIENT_CHANGE_LIMIT:g}x from the last "
     "layer to the first",
     "exploding-gradients": f"the gradient std grows more than {GRADIENT_CHANGE_LIMIT:g}x from the last "
@@ -45,7 +62,12 @@ RULES = {
 """Every rule's name and what it checks, with its threshold."""
 
 ERROR = "error"
+"""Training is broken (NaN/Inf)."""
 WARNING = "warning"
+"""Something the lesson says to fix."""
+INFO = "info"
+"""An observation worth a look, normal in some healthy models."""
+SEVERITIES = (ERROR, WARNING, INFO)
 
 
 @dataclass(frozen=True)
@@ -61,7 +83,8 @@ class Finding:
 
 
 def find_issues(diagnostics: Diagnostics, vocab_size: int | None = None) -> list[Finding]:
-    """Apply every rule of :data:`RULES` to ``diagnostics``; errors first, then by step.
+    """Apply every rule of :data:`RULES` to ``diagnostics``; errors first, then warnings, then observations
+    (``severity`` ``"error"``, ``"warning"``, ``"info"``), each by step.
 
     ``vocab_size`` enables the initial-loss rule (it needs the number of classes).
     """
@@ -70,11 +93,13 @@ def find_issues(diagnostics: Diagnostics, vocab_size: int | None = None) -> list
     ):
         raise ValueError(f"vocab_size must be an int >= 2 (the number of output classes), got {vocab_size!r}")
     findings = _non_finite(diagnostics)
-    findings += _saturation(diagnostics) + _dead_units(diagnostics)
+    findings += _saturation(diagnostics) + _dead_units(diagnostics) + _negative_units(diagnostics)
     if vocab_size is not None:
         findings += _initial_loss(diagnostics, vocab_size)
     findings += _update_to_data(diagnostics) + _gradient_flow(diagnostics)
-    return sorted(findings, key=lambda f: (f.severity != ERROR, f.step, diagnostics.layer_rank(f.layer)))
+    return sorted(
+        findings, key=lambda f: (SEVERITIES.index(f.severity), f.step, diagnostics.layer_rank(f.layer))
+    )
 
 
 def _describe(diagnostics: Diagnostics, layer: str) -> str:
@@ -82,13 +107,19 @@ def _describe(diagnostics: Diagnostics, layer: str) -> str:
     return f"layer {layer!r} ({info.type})" if info is not None else f"{layer!r}"
 
 
-def _first_above(diagnostics: Diagnostics, layer: str, metric: str, limit: float) -> tuple[int, float, float]:
-    """(first step above limit or -1, value there, worst value)."""
+def _first_above(diagnostics: Diagnostics, layer: str, metric: str, limit: float) -> tuple[int, float]:
+    """(first step above limit or -1, value there)."""
     steps, values = diagnostics.series(layer, metric)
     above = np.flatnonzero(values > limit)
     if above.size == 0:
-        return -1, math.nan, math.nan
-    return int(steps[above[0]]), float(values[above[0]]), float(values[above].max())
+        return -1, math.nan
+    return int(steps[above[0]]), float(values[above[0]])
+
+
+def _median(diagnostics: Diagnostics, layer: str, metric: str) -> float:
+    values = diagnostics.series(layer, metric)[1]
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else math.nan
 
 
 def saturation_rule(diagnostics: Diagnostics, layer: str) -> str:
@@ -100,23 +131,42 @@ def saturation_rule(diagnostics: Diagnostics, layer: str) -> str:
     return f"|t| > {threshold:g}"
 
 
+_SATURATION_REMEDY = (
+    "Shrink the preceding layer's weights to gain/sqrt(fan_in) (Kaiming init, gain 5/3 for tanh), "
+    "or put a BatchNorm between the linear layer and the nonlinearity."
+)
+
+
 def _saturation(diagnostics: Diagnostics) -> list[Finding]:
     findings = []
-    remedy = (
-        "Shrink the preceding layer's weights to gain/sqrt(fan_in) (Kaiming init, gain 5/3 for tanh), "
-        "or put a BatchNorm between the linear layer and the nonlinearity."
-    )
     for layer in diagnostics.layers(m.ACT_SATURATED):
-        step, value, worst = _first_above(diagnostics, layer, m.ACT_SATURATED, SATURATION_LIMIT)
-        if step < 0:
+        median = _median(diagnostics, layer, m.ACT_SATURATED)
+        units = _median(diagnostics, layer, m.ACT_SATURATED_UNITS)
+        if not (median > SATURATION_GUIDE or units > SATURATED_UNITS_LIMIT):
             continue
+        warning = median > SATURATION_LIMIT or units > SATURATED_UNITS_LIMIT
+        step, value = _first_above(diagnostics, layer, m.ACT_SATURATED, SATURATION_GUIDE)
+        if step < 0:
+            step, value = _first_above(diagnostics, layer, m.ACT_SATURATED_UNITS, SATURATED_UNITS_LIMIT)
         message = (
-            f"{_describe(diagnostics, layer)} has {value:.1%} of its outputs saturated "
-            f"({saturation_rule(diagnostics, layer)}) at step {step}, above the {SATURATION_LIMIT:.0%} "
-            f"limit (worst {worst:.1%}); there the local gradient is nearly zero, so the layers below "
-            "learn little."
+            f"{_describe(diagnostics, layer)} has {median:.1%} of its outputs saturated "
+            f"({saturation_rule(diagnostics, layer)}; median over the recorded steps, first above "
+            f"{SATURATION_GUIDE:.0%} at step {step})"
         )
-        findings.append(Finding("saturation", WARNING, step, layer, message, remedy))
+        if units > 0:
+            message += f", and {units:.1%} of its units saturated for every example"
+        if warning:
+            message += (
+                f", above the {SATURATION_LIMIT:.0%} limit (or {SATURATED_UNITS_LIMIT:.0%} of units): there the "
+                "local gradient is nearly zero, so the layers below learn from few examples."
+            )
+        else:
+            message += (
+                f", above the lesson's {SATURATION_GUIDE:.0%} guide but below the {SATURATION_LIMIT:.0%} limit: "
+                "common with Kaiming init (gain 5/3); worth a look if training stalls."
+            )
+        findings.append(Finding("saturation", WARNING if warning else INFO, step, layer, message,
+                                _SATURATION_REMEDY))
     return findings
 
 
@@ -127,15 +177,39 @@ def _dead_units(diagnostics: Diagnostics) -> list[Finding]:
         "or add a BatchNorm before the nonlinearity."
     )
     for layer in diagnostics.layers(m.ACT_DEAD):
-        step, value, worst = _first_above(diagnostics, layer, m.ACT_DEAD, DEAD_LIMIT)
-        if step < 0:
+        median = _median(diagnostics, layer, m.ACT_DEAD)
+        if not median > DEAD_LIMIT:
             continue
+        step, value = _first_above(diagnostics, layer, m.ACT_DEAD, DEAD_LIMIT)
         message = (
-            f"{_describe(diagnostics, layer)} has {value:.1%} dead units (never positive in the batch) "
-            f"at step {step}, above the {DEAD_LIMIT:.0%} limit (worst {worst:.1%}); a dead unit passes "
-            "no gradient, so its weights stop learning."
+            f"{_describe(diagnostics, layer)} has {median:.1%} dead units (never positive in the batch; median "
+            f"over the recorded steps, first above the {DEAD_LIMIT:.0%} limit at step {step} with {value:.1%}): "
+            "its gradient is exactly zero wherever its output is not positive, so a dead unit passes no "
+            "gradient and the weights feeding it stop learning."
         )
         findings.append(Finding("dead-units", WARNING, step, layer, message, remedy))
+    return findings
+
+
+def _negative_units(diagnostics: Diagnostics) -> list[Finding]:
+    findings = []
+    remedy = (
+        "Usually harmless; if many units stay there, check the init scale and bias of the layer before it, "
+        "or add a norm layer before the nonlinearity."
+    )
+    for layer in diagnostics.layers(m.ACT_NEGATIVE):
+        median = _median(diagnostics, layer, m.ACT_NEGATIVE)
+        if not median > NEGATIVE_LIMIT:
+            continue
+        step, _ = _first_above(diagnostics, layer, m.ACT_NEGATIVE, NEGATIVE_LIMIT)
+        kind = diagnostics.modules[layer].type if layer in diagnostics.modules else "this activation"
+        message = (
+            f"{_describe(diagnostics, layer)} has {median:.1%} of its units never positive in the batch "
+            f"(median over the recorded steps, first above {NEGATIVE_LIMIT:.0%} at step {step}): they sit on "
+            f"{kind}'s negative side, where the output is near zero. They are not dead: there {kind}'s gradient "
+            "is small but not zero, so they still learn, more slowly, and can recover."
+        )
+        findings.append(Finding("negative-units", INFO, step, layer, message, remedy))
     return findings
 
 
@@ -156,37 +230,71 @@ def _initial_loss(diagnostics: Diagnostics, vocab_size: int) -> list[Finding]:
     return [Finding("initial-loss", WARNING, 0, m.GLOBAL, message, remedy)]
 
 
+def _judged_window(steps: np.ndarray) -> np.ndarray:
+    """Which recorded steps update:data is judged on: past the warm-up (the first steps, where a layer scaled
+    down at init, like the lesson's output layer, moves fast relative to its small weights)."""
+    if steps.size < 2:
+        return np.ones(steps.size, dtype=bool)
+    start = steps[0] + WARM_UP_SHARE * (steps[-1] - steps[0])
+    window = (steps > steps[0]) & (steps >= start)
+    return window if window.any() else steps == steps[-1]
+
+
+def _init_scale_note(diagnostics: Diagnostics, layer: str, weights: list[str]) -> str:
+    """A remark when the layer's weights started much smaller than the model's other weight matrices."""
+    first = {}
+    for name in weights:
+        steps, values = diagnostics.series(name, m.PARAM_STD)
+        if steps.size and values[0] > 0:
+            first[name] = float(values[0])
+    others = [value for name, value in first.items() if name != layer]
+    if layer not in first or not others or first[layer] * 10 > float(np.median(others)):
+        return ""
+    return (
+        f" Its weights started {float(np.median(others)) / first[layer]:.0f}x smaller than the model's other "
+        "weight matrices (scaled down at init), which inflates the ratio until they grow."
+    )
+
+
 def _update_to_data(diagnostics: Diagnostics) -> list[Finding]:
     findings = []
-    low = UPDATE_TO_DATA_TARGET / UPDATE_TO_DATA_FACTOR
-    high = UPDATE_TO_DATA_TARGET * UPDATE_TO_DATA_FACTOR
-    for layer in diagnostics.layers(m.UPDATE_TO_DATA):
-        info = diagnostics.parameters.get(layer)
-        if info is None or len(info.shape) < 2:
-            continue  # biases and norm gains start at constants, where the ratio means little
+    low, high = UPDATE_TO_DATA_TARGET / UPDATE_TO_DATA_FACTOR, UPDATE_TO_DATA_TARGET * UPDATE_TO_DATA_FACTOR
+    weights = [
+        layer for layer in diagnostics.layers(m.UPDATE_TO_DATA)
+        if layer in diagnostics.parameters and len(diagnostics.parameters[layer].shape) >= 2
+    ]  # biases and norm gains start at constants, where the ratio means little
+    for layer in weights:
+        info = diagnostics.parameters[layer]
         steps, values = diagnostics.series(layer, m.UPDATE_TO_DATA)
+        window = _judged_window(steps)
+        steps, values = steps[window], values[window]
         usable = np.isfinite(values) & (values > 0)
         if not usable.any():
             continue
         median = float(np.median(values[usable]))
         if low <= median <= high:
             continue
+        factor = median / UPDATE_TO_DATA_TARGET if median > high else UPDATE_TO_DATA_TARGET / median
+        warning = factor > UPDATE_TO_DATA_WARNING_FACTOR
         extreme = int(np.argmax(np.abs(np.log10(values[usable] / UPDATE_TO_DATA_TARGET))))
         step = int(steps[usable][extreme])
         too_fast = median > high
         message = (
             f"Weight {layer!r} {tuple(info.shape)} has a median update:data ratio of {median:.1e} "
-            f"(10^{math.log10(median):.1f}) over steps {int(steps[0])}-{int(steps[-1])}, more than "
-            f"{UPDATE_TO_DATA_FACTOR:g}x {'above' if too_fast else 'below'} the "
-            f"{UPDATE_TO_DATA_TARGET:g} rule of thumb (most extreme at step {step}); "
-            f"it {'changes too fast' if too_fast else 'barely learns'}."
+            f"(10^{math.log10(median):.1f}) over steps {int(steps[0])}-{int(steps[-1])}, {factor:.0f}x "
+            f"{'above' if too_fast else 'below'} the {UPDATE_TO_DATA_TARGET:g} rule of thumb (most extreme at "
+            f"step {step}); it {'changes too fast' if too_fast else 'barely learns'}"
+            + (f" (beyond the {UPDATE_TO_DATA_WARNING_FACTOR:g}x limit)." if warning else
+               f" (within {UPDATE_TO_DATA_WARNING_FACTOR:g}x: an observation).")
         )
+        if too_fast:
+            message += _init_scale_note(diagnostics, layer, weights)
         remedy = (
             "Lower the learning rate (or scale this layer's init up)."
             if too_fast
             else "Raise the learning rate, or check that this layer's gradients are not vanishing."
         )
-        findings.append(Finding("update-to-data", WARNING, step, layer, message, remedy))
+        findings.append(Finding("update-to-data", WARNING if warning else INFO, step, layer, message, remedy))
     return findings
 
 

@@ -1,8 +1,18 @@
-"""Which modules of a model to watch, decided by class name only.
+"""Which modules of a model to watch, decided by class name and by parameter ownership.
 
 The diagnostics never import a layer library: a module is classified by the names of the classes in its MRO,
 so ``torch.nn.Tanh``, normlab's own ``Tanh`` and a user's class called ``Tanh`` are all treated alike, and a
 subclass inherits its parent's kind (``NonDynamicallyQuantizableLinear`` is a ``Linear``).
+
+By default every module that owns parameters (Linear, Conv*, RNN/LSTM/GRU, Embedding, MultiheadAttention,
+norms, a user's own module with an ``nn.Parameter``...), every known activation and every pooling layer is
+watched, so every trainable parameter of the model is recorded.
+
+Units: the dead and saturated shares of a layer are counted per *unit*, one index along the output's unit
+axis. Outputs of convolutions, channel norms (BatchNorm, InstanceNorm, GroupNorm) and pooling are ``(N, C, *)``:
+a unit is a channel (axis 1). Outputs of Linear, attention, LayerNorm/RMSNorm, Embedding and recurrent layers
+are ``(N, *, F)``: a unit is a feature (the last axis). An activation takes the unit axis of the layer that
+produced its input (see :class:`normlab.diagnostics.monitor.Monitor`).
 """
 
 from __future__ import annotations
@@ -18,47 +28,64 @@ from normlab.diagnostics.stats import SIGMOID, TANH
 
 ACTIVATION = "activation"
 LINEAR = "linear"
+CONV = "conv"
+RECURRENT = "recurrent"
+ATTENTION = "attention"
 EMBEDDING = "embedding"
 NORM = "norm"
+POOL = "pool"
 OTHER = "other"
 
-DEFAULT_FAMILIES = frozenset({ACTIVATION, LINEAR, EMBEDDING, NORM})
+DEFAULT_FAMILIES = frozenset({ACTIVATION, LINEAR, CONV, RECURRENT, ATTENTION, EMBEDDING, NORM, POOL})
+"""Families watched by default; any other module is watched when it owns parameters itself."""
+
+HARD = "hard"
+"""A gate whose gradient is exactly zero wherever its output is not positive (ReLU): such units can die."""
+SOFT = "soft"
+"""A ReLU-like gate with a small but non-zero gradient below zero (GELU, SiLU, LeakyReLU, ELU...)."""
+
+CHANNEL_AXIS = 1
+LAST_AXIS = -1
 
 TANH_LIKE = frozenset({"Tanh", "Hardtanh", "Softsign"})
 SIGMOID_LIKE = frozenset({"Sigmoid", "Hardsigmoid"})
-RELU_LIKE = frozenset(
-    {
-        "ReLU",
-        "ReLU6",
-        "LeakyReLU",
-        "PReLU",
-        "RReLU",
-        "ELU",
-        "CELU",
-        "SELU",
-        "GELU",
-        "SiLU",
-        "Mish",
-        "Hardswish",
-    }
+HARD_GATES = frozenset({"ReLU", "ReLU6"})
+SOFT_GATES = frozenset(
+    {"LeakyReLU", "PReLU", "RReLU", "ELU", "CELU", "SELU", "GELU", "SiLU", "Mish", "Hardswish"}
 )
-OTHER_ACTIVATIONS = frozenset({"Softplus", "LogSigmoid", "Tanhshrink", "Softshrink", "Hardshrink", "Softmax"})
+OTHER_ACTIVATIONS = frozenset(
+    {"Softplus", "LogSigmoid", "Tanhshrink", "Softshrink", "Hardshrink", "Softmax", "LogSoftmax", "GLU", "Threshold"}
+)
 EMBEDDINGS = frozenset({"Embedding", "EmbeddingBag"})
-_NORM_NAME = re.compile(r"Norm(\d+d)?$")
+RECURRENTS = frozenset({"RNNBase", "RNN", "LSTM", "GRU", "RNNCellBase", "RNNCell", "LSTMCell", "GRUCell"})
+_CONV_NAME = re.compile(r"^_?Conv(Transpose)?(\d+d|Nd)$")
+_NORM_NAME = re.compile(r"Norm(\d+d)?$|^_NormBase$|^_BatchNorm$|^_InstanceNorm$")
+_CHANNEL_NORM_NAME = re.compile(r"^(Sync)?BatchNorm(\d+d)?$|^InstanceNorm\d+d$|^GroupNorm$|^LocalResponseNorm$|"
+                                r"^_BatchNorm$|^_InstanceNorm$")
+_POOL_NAME = re.compile(r"Pool(\d+d|Nd)?$")
+_SOFT_END = re.compile(r"(GELU|Gelu|SiLU|Silu|Swish|Mish|LeakyReLU|PReLU|(?<!R)ELU)$")
 
 
 @dataclass(frozen=True)
 class LayerKind:
     """What a module is, as far as the diagnostics care.
 
-    ``family`` is one of ``"activation"``, ``"linear"``, ``"embedding"``, ``"norm"``, ``"other"``;
-    ``bound`` is ``"tanh"`` or ``"sigmoid"`` for bounded activations (saturation applies), else None;
-    ``relu_like`` says whether dead units apply.
+    ``family`` is one of the family names above; ``bound`` is ``"tanh"`` or ``"sigmoid"`` for bounded
+    activations (saturation applies), else None; ``gate`` is :data:`HARD` (dead units apply) or :data:`SOFT`
+    (never-positive units are observed, not dead) for ReLU-like activations, else None; ``unit_axis`` is the
+    axis of its output that indexes units (:data:`CHANNEL_AXIS` or :data:`LAST_AXIS`), None for activations,
+    which take the axis of the layer feeding them.
     """
 
     family: str
     bound: str | None = None
-    relu_like: bool = False
+    gate: str | None = None
+    unit_axis: int | None = LAST_AXIS
+
+    @property
+    def relu_like(self) -> bool:
+        """True for ReLU-like activations, hard or soft."""
+        return self.gate is not None
 
 
 def class_names(module: nn.Module) -> list[str]:
@@ -66,24 +93,65 @@ def class_names(module: nn.Module) -> list[str]:
     return [cls.__name__ for cls in type(module).__mro__]
 
 
+def _classify_name(name: str) -> LayerKind | None:
+    if name in TANH_LIKE:
+        return LayerKind(ACTIVATION, bound=TANH, unit_axis=None)
+    if name in SIGMOID_LIKE:
+        return LayerKind(ACTIVATION, bound=SIGMOID, unit_axis=None)
+    if name in HARD_GATES:
+        return LayerKind(ACTIVATION, gate=HARD, unit_axis=None)
+    if name in SOFT_GATES:
+        return LayerKind(ACTIVATION, gate=SOFT, unit_axis=None)
+    if name in OTHER_ACTIVATIONS:
+        return LayerKind(ACTIVATION, unit_axis=None)
+    if name.endswith("Linear") or name == "Bilinear":
+        return LayerKind(LINEAR)
+    if _CONV_NAME.match(name):
+        return LayerKind(CONV, unit_axis=CHANNEL_AXIS)
+    if name in RECURRENTS:
+        return LayerKind(RECURRENT)
+    if name == "MultiheadAttention":
+        return LayerKind(ATTENTION)
+    if name in EMBEDDINGS:
+        return LayerKind(EMBEDDING)
+    if _CHANNEL_NORM_NAME.match(name):
+        return LayerKind(NORM, unit_axis=CHANNEL_AXIS)
+    if _NORM_NAME.search(name):
+        return LayerKind(NORM)
+    if _POOL_NAME.search(name):
+        return LayerKind(POOL, unit_axis=CHANNEL_AXIS)
+    return _classify_other_activation(name)
+
+
+def _classify_other_activation(name: str) -> LayerKind | None:
+    """Activations of other libraries by how their name ends (transformers' ``NewGELUActivation``,
+    ``SiLUActivation``, a user's ``FastGELU``...)."""
+    core = name.removesuffix("Activation")
+    if _SOFT_END.search(core):
+        return LayerKind(ACTIVATION, gate=SOFT, unit_axis=None)
+    if core.endswith("ReLU"):
+        return LayerKind(ACTIVATION, gate=HARD, unit_axis=None)
+    if core.endswith("Tanh"):
+        return LayerKind(ACTIVATION, bound=TANH, unit_axis=None)
+    if core.endswith("Sigmoid") and not core.endswith("LogSigmoid"):
+        return LayerKind(ACTIVATION, bound=SIGMOID, unit_axis=None)
+    if core != name:
+        return LayerKind(ACTIVATION, unit_axis=None)
+    return None
+
+
 def classify(module: nn.Module) -> LayerKind:
     """Classify a module by the first class name in its MRO that the diagnostics recognise."""
     for name in class_names(module):
-        if name in TANH_LIKE:
-            return LayerKind(ACTIVATION, bound=TANH)
-        if name in SIGMOID_LIKE:
-            return LayerKind(ACTIVATION, bound=SIGMOID)
-        if name in RELU_LIKE:
-            return LayerKind(ACTIVATION, relu_like=True)
-        if name in OTHER_ACTIVATIONS:
-            return LayerKind(ACTIVATION)
-        if name.endswith("Linear"):
-            return LayerKind(LINEAR)
-        if name in EMBEDDINGS:
-            return LayerKind(EMBEDDING)
-        if _NORM_NAME.search(name):
-            return LayerKind(NORM)
+        kind = _classify_name(name)
+        if kind is not None:
+            return kind
     return LayerKind(OTHER)
+
+
+def owns_parameters(module: nn.Module) -> bool:
+    """True when the module registers a parameter itself (not only through its children)."""
+    return next(module.parameters(recurse=False), None) is not None
 
 
 def _matches(name: str, module: nn.Module, pattern: type | str) -> bool:
@@ -114,10 +182,10 @@ def select_modules(
 ) -> list[tuple[str, nn.Module, LayerKind]]:
     """The ``(name, module, kind)`` of every module to watch, in registration order.
 
-    ``include`` (default: every activation, Linear, Embedding and norm layer) and ``exclude`` hold module
-    types (``isinstance``), class names (any class in the MRO) or globs on the qualified module name
-    (``fnmatch``, e.g. ``"blocks.*.ffn.*"``). An ``include`` item that matches nothing raises, since it is
-    almost always a typo. The root module is named ``""``.
+    ``include`` (default: every module that owns parameters, every activation and every pooling layer) and
+    ``exclude`` hold module types (``isinstance``), class names (any class in the MRO) or globs on the
+    qualified module name (``fnmatch``, e.g. ``"blocks.*.ffn.*"``). An ``include`` item that matches nothing
+    raises, since it is almost always a typo. The root module is named ``""``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -138,7 +206,7 @@ def select_modules(
         if included:
             wanted = any(_matches(name, module, pattern) for pattern in included)
         else:
-            wanted = kind.family in DEFAULT_FAMILIES
+            wanted = kind.family in DEFAULT_FAMILIES or owns_parameters(module)
         if wanted and not any(_matches(name, module, pattern) for pattern in excluded):
             selected.append((name, module, kind))
     if not selected:

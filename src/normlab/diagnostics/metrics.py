@@ -1,7 +1,8 @@
 """Names of the recorded metrics: one place, shared by the monitor, storage, plots, findings and exports.
 
 Scalars of a module's output ("activation") and of the gradient flowing into it ("grad"), of a parameter's
-values ("param") and gradient ("param_grad"), and global ones (empty layer name).
+values ("param") and gradient ("param_grad"), and global ones (empty layer name). Shares of units count units
+along the layer's unit axis (see :mod:`normlab.diagnostics.layers`).
 """
 
 GLOBAL = ""
@@ -13,7 +14,14 @@ GRAD_NORM = "grad_norm"
 ACT_MEAN = "act_mean"
 ACT_STD = "act_std"
 ACT_SATURATED = "act_saturated"
+"""Share of a tanh/sigmoid-like layer's output elements in the flat tails."""
+ACT_SATURATED_UNITS = "act_saturated_units"
+"""Share of a tanh/sigmoid-like layer's units saturated for every example and position (the lesson's white
+columns)."""
 ACT_DEAD = "act_dead"
+"""Share of a ReLU/ReLU6 layer's units never positive: their local gradient is exactly zero (dead units)."""
+ACT_NEGATIVE = "act_negative"
+"""Share of a GELU/SiLU/ELU/LeakyReLU-like layer's units never positive: near zero, with a small gradient."""
 ACT_NONFINITE = "act_nonfinite"
 
 GRAD_MEAN = "grad_mean"

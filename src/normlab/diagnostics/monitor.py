@@ -1,80 +1,109 @@
-"""The Monitor: diagnostics for any ``torch.nn.Module`` through hooks, at almost no cost to training.
+"""The Monitor: diagnostics for any ``torch.nn.Module`` through hooks, at little cost to training.
 
-Protocol in a training loop::
+In a plain loop, three added lines (the one-call API)::
 
-    with Monitor(model, optimizer, every=100) as monitor:
-        for step in range(steps):
-            monitor.begin_step(step)          # arms forward hooks only when step % every == 0
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()                   # tensor hooks on the recorded outputs catch their gradients
-            optimizer.step()                  # step pre/post hooks snapshot the parameters around the update
-            monitor.end_step(loss)            # keeps what the hooks captured; statistics follow in batches
-        monitor.save(run_dir)
+    monitor = Monitor(model, optimizer, every=100).start()   # begins step 0
+    for step in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(); loss.backward(); optimizer.step()
+        monitor.step(step, loss)                              # ends this step, begins the next
+    monitor.save(run_dir, report=True)                        # diagnostics/ and report.html
 
-Every hook (forward, tensor and optimizer hooks) exists only between ``begin_step`` and ``end_step`` of a
-recording step, so every other step runs exactly the code of an unmonitored model.
+or the explicit protocol, which an engine drives (and the callbacks of :mod:`normlab.integrations`)::
 
-A recording step only captures tensors (copies, on their device); their statistics are computed in batches of
-up to :data:`BATCH_RECORDINGS` recording steps (fewer when the captured values exceed
-``collect.CHUNK_ELEMENTS``), or whenever :attr:`Monitor.diagnostics`, :meth:`Monitor.save` or
-:meth:`Monitor.close` needs them. Within a batch the statistics code runs warm in the CPU's caches, which on
-a small model is most of its cost; on a GPU a recording step then never waits for the device.
+    monitor.begin_step(step)          # arms forward hooks only when step % every == 0
+    loss = ...; loss.backward()       # tensor hooks on the recorded outputs catch their gradients
+    optimizer.step()                  # step pre/post hooks: values before, gradients and update after
+    monitor.end_step(loss)            # keeps what the hooks captured; statistics follow in batches
+
+Hooks exist only during recording steps (with ``every=1`` they stay, since every step records), so every
+other step runs exactly the code of an unmonitored model. A recording step captures its tensors (copies on
+histogram steps, sums taken at once without copies on the others, see :mod:`normlab.diagnostics.capture`); their
+statistics are computed in batches of up to :data:`BATCH_RECORDINGS` recording steps, where the code runs warm, or
+whenever :attr:`Monitor.diagnostics`, :meth:`Monitor.save` or :meth:`Monitor.close` need them, or writers wait
+longer than ``flush_seconds``. Histograms cost several times the scalars, so they are taken every
+``histogram_every`` steps (default: on every tenth recording step, and at most every 100 steps: 1000 for
+``every=100``, 100 for ``every=1``), and on forced steps; the scalars at every recording step.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
-from collections.abc import Iterable
+import time
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from normlab.diagnostics import collect
-from normlab.diagnostics.collect import Capture, summarise
-from normlab.diagnostics.layers import select_modules
+from normlab.diagnostics import metrics as m
+from normlab.diagnostics.capture import Capture, Piece, capture_gradient, capture_output, flatten, immediate_sums
+from normlab.diagnostics.collect import StepRecord, summarise_all
+from normlab.diagnostics.distributed import AUTO, Reducer, resolve_process_group, unwrap
+from normlab.diagnostics.layers import ACTIVATION, LAST_AXIS, select_modules
 from normlab.diagnostics.storage import Diagnostics, ModuleInfo, ParameterInfo, save_diagnostics
+from normlab.diagnostics.writers import Writer, as_writer
 
 ROOT = "(root)"
 BATCH_RECORDINGS = 16
+HISTOGRAM_STEPS = 100  # by default histograms are taken on every tenth recording step, at most every 100 steps
+HISTOGRAM_RECORDINGS = 10
+SMALL_MODEL_ELEMENTS = 1 << 18  # parameters copied flat and summarised with numpy in one pass, not one by one
 
 
-def _flatten(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """One float32 vector of all ``tensors``, on the first one's device.
+def output_tensor(output: object) -> torch.Tensor | None:
+    """The tensor that stands for a module's output: itself, a PackedSequence's data, or the first element of a
+    tuple or list (an RNN's output sequence, attention's output); None when there is none."""
+    if isinstance(output, (tuple, list)) and output and not isinstance(output, PackedSequence):
+        output = output[0]
+    if isinstance(output, PackedSequence):
+        output = output.data
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output
+    return None
 
-    torch.cat always allocates, so this is also a snapshot that a later in-place update cannot touch.
-    """
-    device = tensors[0].device
-    with torch.no_grad():
-        flat = torch.cat([t.reshape(-1) if t.device == device else t.reshape(-1).to(device) for t in tensors])
-    return flat if flat.dtype == torch.float32 else flat.float()
 
-
-def _numel(capture: Capture) -> int:
-    tensors = [t for _, t in capture.activations + capture.activation_grads]
-    tensors += [t for t in (capture.parameter_values, capture.parameter_grads, capture.updates) if t is not None]
-    return sum(t.numel() for t in tensors)
+def _check_int(value: object, name: str, minimum: int, hint: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum} ({hint}), got {value!r}")
+    return value
 
 
 class Monitor:
     """Records activation, gradient and parameter statistics of ``model`` every ``every`` steps.
 
-    ``include`` / ``exclude`` select modules by type, class name or name glob (default: every activation,
-    Linear, Embedding and norm layer; see :func:`normlab.diagnostics.layers.select_modules`). For each
-    selected module it records its output (mean, std, histogram, saturated share for tanh/sigmoid-like
-    layers with ``|t| > saturation_threshold``, dead share for ReLU-like ones), the gradient of that output,
-    and its own trainable parameters (values, gradients, grad:data = std(grad) / std(weights) and, with an
-    ``optimizer``, update:data = std(update) / std(weights before the update), the update being measured
-    around ``optimizer.step()``, so it is right for any optimizer). Histograms have ``bins`` equal-width bins.
+    Modules (see :func:`normlab.diagnostics.layers.select_modules`): by default every module that owns
+    parameters, every activation and every pooling layer; ``include`` / ``exclude`` select by type, class
+    name or name glob. Every trainable parameter of the selected modules is recorded (by default: all of the
+    model's), so the global gradient norm is torch's over all parameters.
 
-    A module called several times in one step is recorded once per call, as ``name``, ``name#1``, ...
-    Outputs that are not a single tensor are skipped. Without an optimizer, parameters and their gradients are
-    read at :meth:`end_step`. Use as a context manager, or call :meth:`close` to remove every hook. Read the
-    records from :attr:`diagnostics` (which first summarises any recording steps still pending).
+    For each module it records its output (mean, std, histogram; for tanh/sigmoid-like layers the share of
+    outputs with ``|t| > saturation_threshold`` and of units saturated everywhere; for ReLU/ReLU6 the share of
+    dead units, for GELU/SiLU-like ones of units never positive, units along the unit axis: channels of
+    ``(N, C, *)`` conv/norm/pool outputs, features of ``(N, *, F)`` ones), the gradient reaching it, and its
+    parameters (values, gradients, grad:data = std(grad) / std(weights) and, with an ``optimizer``,
+    update:data = std(update) / std(weights before the update), measured around ``optimizer.step()``, so it is
+    right for any optimizer). A module returning a tuple is recorded through its first tensor (an RNN's output
+    sequence, attention's output); one returning anything else is named in a warning at the first recording
+    step. A module called several times in one step is recorded once per call, as ``name``, ``name#1``, ...
+    Forward passes under ``torch.no_grad()`` (evaluation) are not recorded.
+
+    Statistics are in float64 for float64 models, in float32 for others. ``writers`` (see
+    :mod:`normlab.diagnostics.writers`; a plain callable taking a :class:`~normlab.diagnostics.collect.StepRecord`
+    is a writer) receive each recording step's statistics during training. Under ``torch.distributed``,
+    ``process_group`` (default ``"auto"``: the group of a ``DistributedDataParallel`` model) makes the
+    statistics those of the global batch (see :mod:`normlab.diagnostics.distributed`); only the process of rank
+    0 keeps them, writes and saves. Without an optimizer, parameters and their gradients are read at
+    :meth:`end_step`.
     """
 
     def __init__(
@@ -83,15 +112,26 @@ class Monitor:
         optimizer: torch.optim.Optimizer | None = None,
         *,
         every: int = 100,
+        histogram_every: int | None = None,
         include: Iterable[type | str] | None = None,
         exclude: Iterable[type | str] | None = None,
         saturation_threshold: float = 0.97,
         bins: int = 64,
+        writers: Iterable[Writer | Callable[[StepRecord], Any]] = (),
+        process_group: Any = AUTO,
+        flush_seconds: float = 5.0,
     ) -> None:
-        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive int (record every N steps), got {every!r}")
-        if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-            raise ValueError(f"bins must be an int >= 2, got {bins!r}")
+        self.every = _check_int(every, "every", 1, "record every N steps")
+        if histogram_every is None:
+            histogram_every = every * max(HISTOGRAM_RECORDINGS, math.ceil(HISTOGRAM_STEPS / every))
+        _check_int(histogram_every, "histogram_every", 1, "histograms every N steps")
+        if histogram_every % every:
+            raise ValueError(
+                f"histogram_every ({histogram_every}) must be a multiple of every ({every}), so that histogram "
+                f"steps are recording steps; e.g. histogram_every={every * math.ceil(histogram_every / every)}"
+            )
+        self.histogram_every = histogram_every
+        self.bins = _check_int(bins, "bins", 2, "histogram bins")
         if not 0.5 < saturation_threshold < 1:
             raise ValueError(
                 f"saturation_threshold must be in (0.5, 1) (0.97 flags tanh outputs beyond ±0.97), "
@@ -101,20 +141,46 @@ class Monitor:
             raise TypeError(
                 f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
             )
-        self.every = every
-        self.bins = bins
+        group = resolve_process_group(model, process_group)
+        self._reducer = Reducer(group) if group is not None else None
         self.saturation_threshold = float(saturation_threshold)
+        self.flush_seconds = float(flush_seconds)
         self._diagnostics = Diagnostics(
-            settings={"every": every, "bins": bins, "saturation_threshold": self.saturation_threshold}
+            settings={
+                "every": every, "histogram_every": histogram_every, "bins": bins,
+                "saturation_threshold": self.saturation_threshold,
+                "processes": 1 if self._reducer is None else self._reducer.world_size,
+            }
         )
         self._modules: list[tuple[str, nn.Module]] = []
         self._parameters: list[tuple[str, nn.Parameter]] = []
+        self._add_modules(unwrap(model), include, exclude)
+        self._parameter_elements = sum(parameter.numel() for _, parameter in self._parameters)
+        self._optimizer = optimizer
+        self._writers = [as_writer(writer) for writer in writers] if self.is_main_process else []
+        self._handles: list[RemovableHandle] = []  # module and optimizer hooks, while armed
+        self._capture: Capture | None = None
+        self._calls: dict[str, int] = {}
+        self._axes: dict[int, int] = {}  # id of a recorded output -> its unit axis, for the activations it feeds
+        self._last_axis: tuple[int, int] = (0, LAST_AXIS)  # (dims, unit axis) of the last recorded output
+        self._next_order = 0
+        self._segment_cache: dict = {}
+        self._pending: list[Capture] = []  # recording steps captured, not yet summarised
+        self._pending_elements = 0
+        self._first_pending = 0.0
+        self._stopped: Capture | None = None  # the capture whose module outputs are complete
+        self._unsupported: set[str] = set()
+        self._warned = False
+        self._closed = False
+
+    def _add_modules(self, model: nn.Module, include: Any, exclude: Any) -> None:
         seen: set[int] = set()
         for name, module, kind in select_modules(model, include, exclude):
             name = name or ROOT
             self._modules.append((name, module))
             self._diagnostics.modules[name] = ModuleInfo(
-                name, type(module).__name__, kind.family, kind.bound, kind.relu_like
+                name, type(module).__name__, kind.family, kind.bound, kind.relu_like, gate=kind.gate,
+                unit_axis=kind.unit_axis,
             )
             for short, parameter in module.named_parameters(recurse=False):
                 if parameter.requires_grad and id(parameter) not in seen:
@@ -124,16 +190,6 @@ class Monitor:
                         full, name, type(module).__name__, tuple(parameter.shape), len(self._parameters)
                     )
                     self._parameters.append((full, parameter))
-        self._optimizer = optimizer
-        self._handles: list[RemovableHandle] = []  # every hook of the current recording step
-        self._capture: Capture | None = None
-        self._step = 0
-        self._calls: dict[str, int] = {}
-        self._next_order = 0
-        self._segment_cache: dict = {}
-        self._pending: list[tuple[int, Capture]] = []  # recording steps captured, not yet summarised
-        self._pending_elements = 0
-        self._closed = False
 
     @property
     def diagnostics(self) -> Diagnostics:
@@ -146,10 +202,20 @@ class Monitor:
         """True between ``begin_step`` and ``end_step`` of a recording step."""
         return self._capture is not None
 
+    @property
+    def is_main_process(self) -> bool:
+        """True unless this is a process of rank > 0 in a distributed run (which keeps and writes nothing)."""
+        return self._reducer is None or self._reducer.rank == 0
+
+    def records(self, step: int) -> bool:
+        """Whether ``step`` is a recording step (a function of the step only, the same on every process)."""
+        return step % self.every == 0
+
     def begin_step(self, step: int, *, force: bool = False) -> bool:
         """Start training step ``step``; arm the hooks if it is a recording step. Returns whether it is.
 
-        A step records when ``step % every == 0`` or ``force`` is true (e.g. for the final step).
+        A step records when ``step % every == 0`` or ``force`` is true (e.g. for the final step; histograms are
+        then taken too). In a distributed run every process must pass the same steps and ``force``.
         """
         off_step = type(step) is int and step > 0 and step % self.every and not force
         if off_step and self._capture is None and not self._closed:
@@ -159,22 +225,24 @@ class Monitor:
         if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
             raise ValueError(f"step must be an int >= 0, got {step!r}")
         step = int(step)
-        if self._capture is not None:
-            self._disarm()
+        self._capture = None
         if not force and step % self.every:
+            self._disarm()
             return False
-        self._step = step
-        self._capture = Capture()
+        self._capture = Capture(step, histograms=force or step % self.histogram_every == 0)
         self._calls = {}
-        for name, module in self._modules:
-            self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
-        if self._optimizer is not None:
-            self._handles.append(self._optimizer.register_step_pre_hook(self._before_optimizer_step))
-            self._handles.append(self._optimizer.register_step_post_hook(self._after_optimizer_step))
+        self._axes = {}
+        if not self._handles:
+            for name, module in self._modules:
+                self._handles.append(module.register_forward_hook(partial(self._on_forward, name)))
+            if self._optimizer is not None:
+                self._handles.append(self._optimizer.register_step_pre_hook(self._before_optimizer_step))
+                self._handles.append(self._optimizer.register_step_post_hook(self._after_optimizer_step))
         return True
 
     def end_step(self, loss: torch.Tensor | float | None = None) -> None:
-        """Finish the step: on a recording step, remove the hooks and keep what they captured.
+        """Finish the step: on a recording step, keep what the hooks captured (and remove them, unless every
+        step records).
 
         ``loss`` (a scalar tensor or a float) is recorded with it. The statistics are computed with the next
         batch (see the module's notes). Nothing happens on other steps.
@@ -182,45 +250,101 @@ class Monitor:
         capture = self._capture
         if capture is None:
             return
-        self._disarm()
-        if capture.parameter_values is None:
-            self._capture_parameters(capture)
+        self._capture = None
+        if self.every > 1:
+            self._disarm()
+        if not capture.parameters_read:
+            self._read_parameters(capture)
+            self._read_gradients(capture)
         if loss is not None:
             if isinstance(loss, torch.Tensor):
                 if loss.numel() != 1:
                     raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
-                capture.loss = loss.detach().clone()
+                capture.loss = loss.detach().reshape(())
             else:
                 capture.loss = torch.tensor(float(loss))
-        self._pending.append((self._step, capture))
-        self._pending_elements += _numel(capture)
-        if len(self._pending) >= BATCH_RECORDINGS or self._pending_elements >= collect.CHUNK_ELEMENTS:
+        if not self._pending:
+            self._first_pending = time.monotonic()
+        self._pending.append(capture)
+        self._pending_elements += capture.numel()
+        if self._unsupported and not self._warned:
+            self._warned = True
+            warnings.warn(
+                "normlab Monitor: the outputs of " + ", ".join(sorted(self._unsupported)) + " are neither tensors "
+                "nor tuples starting with one, so only their parameters are recorded; exclude them, or record "
+                "their submodules, to silence this", stacklevel=2,
+            )
+        if (
+            self._reducer is not None
+            or len(self._pending) >= BATCH_RECORDINGS
+            or self._pending_elements >= collect.CHUNK_ELEMENTS
+            or (self._writers and time.monotonic() - self._first_pending >= self.flush_seconds)
+        ):
             self._summarise_pending()
+
+    def start(self, step: int = 0) -> Monitor:
+        """Begin ``step`` (default 0) and return the monitor: ``monitor = Monitor(...).start()``."""
+        self.begin_step(step)
+        return self
+
+    def step(self, step: int, loss: torch.Tensor | float | None = None) -> bool:
+        """End training step ``step`` with its ``loss`` and begin step ``step + 1``: the one call per step of a
+        plain loop (begin step 0 with :meth:`start`). Returns whether step ``step + 1`` records."""
+        self.end_step(loss)
+        return self.begin_step(step + 1)
+
+    def stop_activations(self) -> None:
+        """Record no more module outputs in this step (with gradient accumulation: keep one micro-batch's);
+        parameters, gradients and the update are still recorded at the optimizer step."""
+        self._stopped = self._capture
+
+    def add_writer(self, writer: Writer | Callable[[StepRecord], Any]) -> None:
+        """Send the statistics of every later recording step to ``writer`` too."""
+        if self.is_main_process:
+            self._writers.append(as_writer(writer))
 
     def _summarise_pending(self) -> None:
         pending, self._pending, self._pending_elements = self._pending, [], 0
-        names = [name for name, _ in self._parameters]
-        numels = [parameter.numel() for _, parameter in self._parameters]
-        for step, capture in pending:
-            summarise(
-                capture,
-                step,
-                self._diagnostics,
-                parameter_names=names,
-                parameter_numels=numels,
-                bins=self.bins,
-                saturation_threshold=self.saturation_threshold,
-                cache=self._segment_cache,
-            )
+        if not pending:
+            return
+        records = summarise_all(
+            pending,
+            bins=self.bins,
+            saturation_threshold=self.saturation_threshold,
+            reducer=self._reducer,
+            cache=self._segment_cache,
+        )
+        if not self.is_main_process:
+            return
+        for record in records:
+            self._diagnostics.add_record(record)
+            for writer in self._writers:
+                writer.write(record)
+        for writer in self._writers:
+            writer.flush()
 
-    def save(self, run_dir: str | os.PathLike) -> Path:
-        """Write (merge) the diagnostics into ``run_dir/diagnostics/``; returns that directory."""
-        return save_diagnostics(self.diagnostics, run_dir)
+    def save(self, run_dir: str | os.PathLike, *, report: bool = False) -> Path:
+        """Write (merge) the diagnostics into ``run_dir/diagnostics/``, and with ``report`` also
+        ``run_dir/report.html``; returns the diagnostics directory. Only rank 0 of a distributed run writes."""
+        directory = Path(run_dir) / "diagnostics"
+        diagnostics = self.diagnostics
+        if not self.is_main_process:
+            return directory
+        directory = save_diagnostics(diagnostics, run_dir)
+        if report:
+            from normlab.diagnostics.report import write_report
+
+            write_report(run_dir)
+        return directory
 
     def close(self) -> None:
-        """Remove every hook this monitor registered. Recorded diagnostics stay available."""
+        """Remove every hook this monitor registered and close its writers. Recorded diagnostics stay."""
+        self._capture = None
         self._disarm()
-        self._summarise_pending()
+        if not self._closed:
+            self._summarise_pending()
+            for writer in self._writers:
+                writer.close()
         self._closed = True
 
     def __enter__(self) -> Monitor:
@@ -229,11 +353,15 @@ class Monitor:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def _repr_html_(self) -> str:
+        from normlab.diagnostics.notebook import diagnostics_html
+
+        return diagnostics_html(self.diagnostics)
+
     def _disarm(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self._capture = None
 
     def _module_key(self, name: str) -> str:
         calls = self._calls.get(name, 0)
@@ -247,40 +375,102 @@ class Monitor:
             self._next_order += 1
         return key
 
+    def _unit_axis(self, info: ModuleInfo, args: tuple, output: torch.Tensor) -> int:
+        if info.family != ACTIVATION:
+            return info.unit_axis if info.unit_axis is not None else LAST_AXIS
+        source = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        axis = self._axes.get(id(source)) if source is not None else None
+        if axis is None:
+            dims, last = self._last_axis
+            axis = last if dims == output.dim() else LAST_AXIS
+        return axis
+
     def _on_forward(self, name: str, module: nn.Module, args: tuple, output: object) -> None:
-        if self._capture is None or not isinstance(output, torch.Tensor):
+        capture = self._capture
+        if capture is None or capture is self._stopped or not torch.is_grad_enabled():
+            return
+        tensor = output_tensor(output)
+        if tensor is None:
+            self._unsupported.add(name)
             return
         key = self._module_key(name)
-        # a copy, because a later in-place op (ReLU(inplace=True), x += ...) may overwrite the output
-        self._capture.activations.append((key, output.detach().clone()))
-        if output.requires_grad:
-            self._handles.append(output.register_hook(partial(self._on_output_grad, key)))
+        info = self._diagnostics.modules[key]
+        axis = self._unit_axis(info, args, tensor)
+        self._axes[id(tensor)] = axis
+        self._last_axis = (tensor.dim(), axis)
+        capture.outputs.append(
+            capture_output(key, tensor, info.bound, info.gate, axis, self.saturation_threshold, capture.histograms)
+        )
+        if tensor.requires_grad:
+            tensor.register_hook(partial(self._on_output_grad, capture, key))
 
-    def _on_output_grad(self, key: str, grad: torch.Tensor) -> None:
-        if self._capture is not None:
-            self._capture.activation_grads.append((key, grad.detach().clone()))
+    def _on_output_grad(self, capture: Capture, key: str, grad: torch.Tensor) -> None:
+        if self._capture is capture:
+            capture.gradients.append(capture_gradient(key, grad, capture.histograms))
 
-    def _capture_parameters(self, capture: Capture) -> None:
+    def _split(self, capture: Capture) -> tuple[list, list]:
+        """The parameters whose values are copied (all, on histogram steps and for a small model), and those
+        whose sums are taken at once with torch."""
+        if capture.histograms or self._parameter_elements <= SMALL_MODEL_ELEMENTS:
+            return self._parameters, []
+        return [], self._parameters
+
+    def _read_parameters(self, capture: Capture) -> None:
+        if not self.is_main_process:
+            return  # the same on every process: rank 0 records them
         if self._optimizer is not None:
             rate = self._optimizer.param_groups[0]["lr"]  # a tensor rate is updated in place: copy it
             capture.learning_rate = rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
-        if not self._parameters:
+        copied, taken = self._split(capture)
+        if copied:
+            capture.values.append(
+                Piece([(n, m.HIST_PARAM) for n, _ in copied], [p.numel() for _, p in copied],
+                      tensor=flatten([p for _, p in copied]))
+            )
+        for name, parameter in taken:
+            capture.values.append(Piece([(name, m.HIST_PARAM)], [parameter.numel()],
+                                        sums=immediate_sums(parameter)))
+            if self._optimizer is not None:
+                capture.snapshots.append(parameter.detach().clone())
+
+    def _read_gradients(self, capture: Capture) -> None:
+        capture.parameters_read = True
+        if not self.is_main_process:
             return
-        capture.parameter_values = _flatten([parameter for _, parameter in self._parameters])
-        with_grad = [(name, p.grad) for name, p in self._parameters if p.grad is not None]
+        copied, taken = self._split(capture)
+        with_grad = [(name, p.grad) for name, p in copied if p.grad is not None]
         if with_grad:
             grads = [grad.to_dense() if grad.is_sparse else grad for _, grad in with_grad]
-            capture.parameter_grads = _flatten(grads)
-            capture.grad_names = [name for name, _ in with_grad]
-            capture.grad_numels = [grad.numel() for grad in grads]
+            capture.grads.append(
+                Piece([(n, m.HIST_PARAM_GRAD) for n, _ in with_grad], [g.numel() for g in grads],
+                      tensor=flatten(grads))
+            )
+        for name, parameter in taken:
+            if parameter.grad is not None:
+                grad = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad
+                capture.grads.append(Piece([(name, m.HIST_PARAM_GRAD)], [grad.numel()],
+                                           sums=immediate_sums(grad)))
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         capture = self._capture
-        if capture is not None and capture.parameter_values is None:
-            self._capture_parameters(capture)
+        if capture is not None and not capture.values:
+            self._read_parameters(capture)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        # gradients are read here, not before the step: a closure (Lightning, LBFGS) computes them inside it
         capture = self._capture
-        if capture is not None and capture.parameter_values is not None:
-            after = _flatten([parameter for _, parameter in self._parameters])
-            capture.updates = after - capture.parameter_values
+        if capture is None or not capture.values or capture.parameters_read:
+            return
+        self._read_gradients(capture)
+        copied, taken = self._split(capture)
+        if copied:
+            before = capture.values[0].tensor
+            capture.updates.append(
+                Piece([(n, collect.UPDATE) for n, _ in copied], [p.numel() for _, p in copied],
+                      tensor=flatten([p for _, p in copied]), minus=before)
+            )
+        for (name, parameter), snapshot in zip(taken, capture.snapshots, strict=True):
+            update = parameter.detach() - snapshot
+            capture.updates.append(Piece([(name, collect.UPDATE)], [parameter.numel()],
+                                         sums=immediate_sums(update)))
+        capture.snapshots.clear()

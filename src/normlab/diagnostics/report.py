@@ -1,7 +1,10 @@
-"""``report.html``: one self-contained page per run (config, losses, findings, every plot).
+"""``report.html``: one self-contained page per run: the loss curve and findings first, then every histogram
+browsable step by step, the plots, and the configuration as key/value rows.
 
-Images are embedded as base64 PNG data URIs and the style sheet is inline: no scripts, no network, no other
-file needed, so the report can be mailed or archived as it is.
+Images are embedded as base64 PNG data URIs, the histograms as JSON drawn by a few lines of inline JavaScript
+(:mod:`normlab.diagnostics.explorer`), the style sheet is inline: no network, no other file needed, so the report
+can be mailed or archived as it is. What the report reads from the run directory is read in one place,
+:func:`read_run_files`.
 """
 
 from __future__ import annotations
@@ -13,17 +16,16 @@ import math
 import os
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from normlab.diagnostics.explorer import STYLE as EXPLORER_STYLE
+from normlab.diagnostics.explorer import explorer_html
 from normlab.diagnostics.findings import RULES, Finding, find_issues
 from normlab.diagnostics.plots import plot_all
 from normlab.diagnostics.storage import Diagnostics, has_diagnostics, load_diagnostics
 from normlab.diagnostics.storage_io import atomic_write_text
-
-REPORT_FILE = "report.html"
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-VOCAB_FILE = "vocab.json"
+from normlab.runs.rundir import CONFIG, REPORT
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
@@ -35,6 +37,7 @@ figure { margin: 1em 0; } figure img { max-width: 100%; border: 1px solid #eee; 
 figcaption { color: #555; font-size: .9em; }
 .finding { border-left: 4px solid #e0a800; padding: .3em .8em; margin: .6em 0; background: #fffbea; }
 .finding.error { border-color: #c62828; background: #fdecea; }
+.finding.info { border-color: #1f77b4; background: #eef5fb; }
 .note { color: #555; font-style: italic; }
 """
 
@@ -50,39 +53,49 @@ _CAPTIONS = {
 }
 
 
-def read_metrics(path: str | os.PathLike) -> list[dict]:
-    """The rows of a ``metrics.jsonl`` file (one JSON object per line; blank lines skipped)."""
-    rows = []
-    path = Path(path)
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{path} line {number} is not valid JSON ({error.msg}): {line[:80]!r}"
-            ) from error
-        if not isinstance(row, dict):
-            raise ValueError(f"{path} line {number} must be a JSON object, got {type(row).__name__}")
-        rows.append(row)
+@dataclass
+class RunFiles:
+    """What the report reads from a run directory: its configuration, metric rows and vocabulary size."""
+
+    config: dict | None = None
+    metrics: list[dict] = field(default_factory=list)
+    vocab_size: int | None = None
+
+
+def read_run_files(run_dir: Path) -> RunFiles:
+    """Read ``config.json``, ``metrics.jsonl`` and ``vocab.json`` of ``run_dir`` (each may be missing).
+
+    The one place the report reads the run directory's own files, through `normlab.runs.rundir`, the module that
+    knows them (its ``diagnostics/`` are read by :func:`~normlab.diagnostics.storage.load_diagnostics`).
+    """
+    from normlab.runs.rundir import read_config_json, read_metrics, read_vocab_size
+
+    vocab_size = read_vocab_size(run_dir)
+    return RunFiles(read_config_json(run_dir), read_metrics(run_dir), vocab_size if vocab_size and vocab_size >= 2
+                    else None)
+
+
+def flatten_config(config: dict, prefix: str = "") -> list[tuple[str, object]]:
+    """Nested configuration as ``(dotted.key, value)`` rows, in order (lists of scalars stay one value)."""
+    rows: list[tuple[str, object]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            rows += flatten_config(value, f"{name}.")
+        else:
+            rows.append((name, value))
     return rows
-
-
-def _read_json_object(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    value = json.loads(path.read_text(encoding="utf-8"))
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _format_value(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, list) and all(not isinstance(item, (dict, list)) for item in value):
+        return ", ".join(_format_value(item) for item in value) or "[]"
     if isinstance(value, (dict, list)):
         return json.dumps(value)
+    if value is None:
+        return "none"
     return str(value)
 
 
@@ -146,44 +159,49 @@ def _figure(path: Path) -> str:
     return f"<figure>{embedded_image(path)}<figcaption>{html.escape(caption)}</figcaption></figure>"
 
 
+def _figure_named(paths: list[Path], stem: str) -> tuple[str, list[Path]]:
+    """The figure of ``paths`` called ``stem`` as HTML (or nothing), and the other paths."""
+    chosen = [path for path in paths if path.stem == stem]
+    return "".join(_figure(path) for path in chosen), [path for path in paths if path.stem != stem]
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report.html`` (atomically) from what the run directory holds; returns its path.
 
-    Reads ``config.json`` (shown as a table), ``metrics.jsonl`` (loss curves and final losses), ``vocab.json``
-    (its ``"itos"`` list gives the vocabulary size for the initial-loss rule) and ``diagnostics/``; any of
-    them may be missing, and the report says what is.
+    Reads ``config.json`` (shown as key/value rows), ``metrics.jsonl`` (loss curves and final losses),
+    ``vocab.json`` (its ``"itos"`` list gives the vocabulary size for the initial-loss rule) and
+    ``diagnostics/``; any of them may be missing, and the report says what is.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(
             f"run directory {run_dir} does not exist; pass the directory a training run wrote"
         )
-    config = _read_json_object(run_dir / CONFIG_FILE)
-    rows = read_metrics(run_dir / METRICS_FILE) if (run_dir / METRICS_FILE).is_file() else []
-    vocab = _read_json_object(run_dir / VOCAB_FILE)
-    vocab_size = len(vocab["itos"]) if vocab and isinstance(vocab.get("itos"), list) else None
+    files = read_run_files(run_dir)
     diagnostics = load_diagnostics(run_dir) if has_diagnostics(run_dir) else None
     has_data = diagnostics is not None and not diagnostics.is_empty
-    findings = (
-        find_issues(diagnostics, vocab_size if vocab_size and vocab_size >= 2 else None) if has_data else []
-    )
+    findings = find_issues(diagnostics, files.vocab_size) if has_data else []
 
     with tempfile.TemporaryDirectory() as scratch:
-        paths = plot_all(diagnostics or Diagnostics(), scratch, rows)
+        paths = plot_all(diagnostics or Diagnostics(), scratch, files.metrics)
+        loss_figure, paths = _figure_named(paths, "loss")
         figures = "".join(_figure(path) for path in paths)
 
     config_html = (
-        _table(sorted(config.items()), ("setting", "value"))
-        if config is not None
-        else f'<p class="note">No {CONFIG_FILE} in this run directory.</p>'
+        _table(flatten_config(files.config), ("setting", "value"))
+        if files.config is not None
+        else f'<p class="note">No {CONFIG} in this run directory.</p>'
     )
     if not has_data:
         figures += (
             '<p class="note">No diagnostics were recorded for this run; train with a Monitor '
             "(<code>normlab train ... --diagnose</code>) to get the per-layer plots.</p>"
         )
+    explorer = explorer_html(diagnostics) if has_data else '<p class="note">No histograms were recorded.</p>'
     facts = [
-        f"{len(findings)} finding(s), {sum(f.severity == 'error' for f in findings)} error(s)"
+        f"{len(findings)} finding(s): {sum(f.severity == 'error' for f in findings)} error(s), "
+        f"{sum(f.severity == 'warning' for f in findings)} warning(s), "
+        f"{sum(f.severity == 'info' for f in findings)} observation(s)"
         if has_data
         else "No diagnostics recorded"
     ]
@@ -191,19 +209,22 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         facts.append(
             f"{len(diagnostics.steps())} recorded steps, every {diagnostics.settings.get('every', '?')}"
         )
-    if vocab_size:
-        facts.append(f"vocabulary of {vocab_size} symbols (uniform-guess loss {math.log(vocab_size):.3f})")
+    if files.vocab_size:
+        facts.append(
+            f"vocabulary of {files.vocab_size} symbols (uniform-guess loss {math.log(files.vocab_size):.3f})"
+        )
     title = html.escape(f"normlab report: {run_dir.resolve().name}")
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
-        f"<style>{_STYLE}</style></head><body><h1>{title}</h1>"
+        f"<style>{_STYLE}{EXPLORER_STYLE}</style></head><body><h1>{title}</h1>"
         f"<p>{html.escape('; '.join(facts))}.</p>"
-        f"<h2>Configuration</h2>{config_html}"
-        f"<h2>Losses</h2>{_losses_section(rows, diagnostics)}"
+        f"<h2>Loss</h2>{loss_figure}{_losses_section(files.metrics, diagnostics)}"
         f"<h2>Findings</h2>{_findings_section(findings, has_data)}"
+        f"<h2>Histograms over training</h2>{explorer}"
         f"<h2>Plots</h2>{figures or '<p class=note>Nothing to plot.</p>'}"
+        f"<h2>Configuration</h2>{config_html}"
         "</body></html>\n"
     )
-    path = run_dir / REPORT_FILE
+    path = run_dir / REPORT
     atomic_write_text(path, page)
     return path

@@ -8,6 +8,10 @@ On disk, three files, all written atomically (temporary file, then ``os.replace`
 - ``histograms.safetensors``: ``step`` (N,), ``series`` (N,) indexing the ``(layer, metric)`` list kept in the
   file's metadata, ``range`` (N, 2) with each histogram's ``(lo, hi)``, ``counts`` (N, bins) int32.
 - ``layers.json``: the monitor's settings and what each recorded module and parameter is.
+
+Out of Python: :meth:`Diagnostics.to_pandas` (long format: step, layer, metric, value),
+:meth:`Diagnostics.to_parquet` (optional extra ``normlab[pandas]``), and in a notebook the diagnostics display
+themselves (findings and the main plots).
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from normlab.diagnostics.metrics import HISTOGRAM_METRICS
 from normlab.diagnostics.storage_io import (
+    SCALAR_COLUMNS,
     atomic_write_text,
     read_histograms,
     read_scalars,
@@ -29,9 +35,14 @@ from normlab.diagnostics.storage_io import (
     write_scalars,
 )
 
+if TYPE_CHECKING:
+    from normlab.diagnostics.collect import StepRecord
+
 DIAGNOSTICS_DIR = "diagnostics"
 LAYERS_FILE = "layers.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)  # format 1 lacks the modules' gate and unit axis
+HISTOGRAM_COLUMNS = ("step", "layer", "metric", "bin", "lo", "hi", "count")
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,9 @@ class Histogram:
 class ModuleInfo:
     """A recorded module: qualified name (``name#k`` for its k-th extra call in a step), class name, kind.
 
-    ``order`` is the position of its first call in the forward pass (None if it never ran while recording).
+    ``order`` is the position of its first call in the forward pass (None if it never ran while recording);
+    ``gate`` is ``"hard"`` (ReLU: dead units) or ``"soft"`` (GELU, SiLU...: never-positive units) for ReLU-like
+    activations; ``unit_axis`` the axis of its output that indexes units (None: taken from its input).
     """
 
     name: str
@@ -73,6 +86,8 @@ class ModuleInfo:
     bound: str | None = None
     relu_like: bool = False
     order: int | None = None
+    gate: str | None = None
+    unit_axis: int | None = -1
 
 
 @dataclass(frozen=True)
@@ -115,6 +130,12 @@ class Diagnostics:
         step, scalars = int(step), self.scalars
         for layer, metric, value in values:
             scalars.setdefault((layer, metric), {})[step] = float(value)
+
+    def add_record(self, record: StepRecord) -> None:
+        """Record every scalar and histogram of one recording step."""
+        self.add_scalars(record.step, record.scalars)
+        for layer, metric, histogram in record.histograms:
+            self.add_histogram(record.step, layer, metric, histogram)
 
     def add_histogram(self, step: int, layer: str, metric: str, histogram: Histogram) -> None:
         """Record one histogram (replacing any earlier one of the same step, layer and metric)."""
@@ -164,6 +185,10 @@ class Diagnostics:
         """One recorded value, or None."""
         return self.scalars.get((layer, metric), {}).get(int(step))
 
+    def histogram_steps_all(self) -> list[int]:
+        """Every step with at least one histogram, ascending."""
+        return sorted({step for values in self.histograms.values() for step in values})
+
     def histogram_steps(self, layer: str, metric: str) -> list[int]:
         """Steps at which a histogram of ``(layer, metric)`` was recorded, ascending."""
         return sorted(self.histograms.get((layer, metric), {}))
@@ -174,6 +199,55 @@ class Diagnostics:
         if not by_step:
             return None
         return by_step.get(int(step)) if step is not None else by_step[max(by_step)]
+
+    def to_pandas(self) -> Any:
+        """Every scalar as a ``pandas.DataFrame`` in long format: columns step, layer, metric, value.
+
+        Global metrics (loss, learning rate, total gradient norm) have an empty layer. Pivot it for a wide view,
+        e.g. ``df[df.metric == "act_std"].pivot(index="step", columns="layer", values="value")``.
+        """
+        pandas = _pandas()
+        rows = self.rows()
+        return pandas.DataFrame(
+            {
+                "step": np.array([row[0] for row in rows], dtype=np.int64),
+                "layer": [row[1] for row in rows],
+                "metric": [row[2] for row in rows],
+                "value": np.array([row[3] for row in rows], dtype=np.float64),
+            },
+            columns=list(SCALAR_COLUMNS),
+        )
+
+    def histograms_to_pandas(self) -> Any:
+        """Every histogram bin as a ``pandas.DataFrame``: step, layer, metric, bin, lo, hi (its edges), count."""
+        pandas = _pandas()
+        columns: dict[str, list] = {name: [] for name in HISTOGRAM_COLUMNS}
+        for (layer, metric), by_step in sorted(self.histograms.items(), key=lambda item: self.layer_rank(item[0][0])):
+            for step, histogram in sorted(by_step.items()):
+                edges = histogram.edges
+                bins = len(histogram.counts)
+                columns["step"] += [step] * bins
+                columns["layer"] += [layer] * bins
+                columns["metric"] += [metric] * bins
+                columns["bin"] += range(bins)
+                columns["lo"] += edges[:-1].tolist()
+                columns["hi"] += edges[1:].tolist()
+                columns["count"] += np.asarray(histogram.counts).tolist()
+        return pandas.DataFrame(columns, columns=list(HISTOGRAM_COLUMNS))
+
+    def to_parquet(self, path: str | os.PathLike, histograms_path: str | os.PathLike | None = None) -> Path:
+        """Write :meth:`to_pandas` to a Parquet file at ``path`` (and :meth:`histograms_to_pandas` to
+        ``histograms_path``, if given); needs pandas and pyarrow (``pip install 'normlab[pandas]'``)."""
+        path = Path(path)
+        self.to_pandas().to_parquet(path, index=False)
+        if histograms_path is not None:
+            self.histograms_to_pandas().to_parquet(Path(histograms_path), index=False)
+        return path
+
+    def _repr_html_(self) -> str:
+        from normlab.diagnostics.notebook import diagnostics_html
+
+        return diagnostics_html(self)
 
     def merge(self, newer: Diagnostics) -> None:
         """Add ``newer``'s records in place; on the same step, layer and metric, ``newer`` wins."""
@@ -191,6 +265,14 @@ class Diagnostics:
             self.scalars.setdefault(key, {}).update(values)
         for key, histograms in newer.histograms.items():
             self.histograms.setdefault(key, {}).update(histograms)
+
+
+def _pandas() -> Any:
+    try:
+        import pandas
+    except ImportError as error:
+        raise ImportError("DataFrames of diagnostics need pandas: pip install 'normlab[pandas]'") from error
+    return pandas
 
 
 def diagnostics_dir(run_dir: str | os.PathLike) -> Path:
@@ -236,10 +318,10 @@ def load_diagnostics(run_dir: str | os.PathLike) -> Diagnostics:
             "monitor.save(run_dir), or `normlab train ... --diagnose`"
         )
     layers = json.loads(layers_path.read_text())
-    if layers.get("format") != FORMAT_VERSION:
+    if layers.get("format") not in READABLE_FORMATS:
         raise ValueError(
-            f"{layers_path} has format {layers.get('format')!r}, this normlab reads format {FORMAT_VERSION}; "
-            "use the normlab version that wrote it"
+            f"{layers_path} has format {layers.get('format')!r}, this normlab reads formats "
+            f"{', '.join(map(str, READABLE_FORMATS))}; use the normlab version that wrote it"
         )
     diagnostics = Diagnostics(settings=dict(layers["settings"]))
     for info in layers["modules"]:

@@ -2,7 +2,8 @@
 
 Scalars go under ``<metric>/<layer>`` (global ones under their own name), histograms under
 ``hist_<metric>/<layer>``, and the run's ``metrics.jsonl`` rows under ``metrics/<key>`` and ``final/<split>``,
-so ``tensorboard --logdir RUN`` shows them grouped by metric.
+so ``tensorboard --logdir RUN`` shows them grouped by metric. To watch a run while it trains, give the monitor a
+:class:`~normlab.diagnostics.writers.TensorBoardWriter`, which writes the same tags.
 """
 
 from __future__ import annotations
@@ -11,16 +12,18 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from normlab.diagnostics.storage import Diagnostics
+from normlab.diagnostics.storage import Diagnostics, Histogram
 
 TENSORBOARD_DIR = "tensorboard"
 _METRIC_KEYS = ("train_loss", "val_loss", "lr", "elapsed_s")
 
 
-def _summary_writer() -> type:
+def summary_writer() -> type:
+    """torch's ``SummaryWriter`` class, or an ImportError naming the extra to install."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as error:  # torch raises this when the tensorboard package is absent
@@ -49,7 +52,7 @@ def export_tensorboard(
     edges of the bins); their sum and sum of squares are estimated from the bin centres. Non-finite scalars
     are skipped. Returns ``logdir``.
     """
-    writer_class = _summary_writer()
+    writer_class = summary_writer()
     logdir = Path(logdir)
     with writer_class(log_dir=str(logdir)) as writer:
         for (layer, metric), values in sorted(diagnostics.scalars.items()):
@@ -58,26 +61,36 @@ def export_tensorboard(
                     writer.add_scalar(scalar_tag(layer, metric), value, step)
         for (layer, metric), histograms in sorted(diagnostics.histograms.items()):
             for step, histogram in sorted(histograms.items()):
-                total = int(histogram.counts.sum())
-                if total == 0:
-                    continue
-                centers = histogram.centers
-                writer.add_histogram_raw(
-                    histogram_tag(layer, metric),
-                    min=histogram.lo,
-                    max=histogram.hi,
-                    num=total,
-                    sum=float(np.dot(histogram.counts, centers)),
-                    sum_squares=float(np.dot(histogram.counts, centers**2)),
-                    bucket_limits=histogram.edges[1:].tolist(),
-                    bucket_counts=histogram.counts.tolist(),
-                    global_step=step,
-                )
-        _export_metrics(writer, metrics_rows or [])
+                add_histogram(writer, layer, metric, histogram, step)
+        export_metrics(writer, metrics_rows or [])
     return logdir
 
 
-def _export_metrics(writer: object, rows: Sequence[dict]) -> None:
+def add_histogram(writer: Any, layer: str, metric: str, histogram: Histogram, step: int) -> None:
+    """Add one stored histogram to a ``SummaryWriter`` from its bin counts (nothing for an empty one).
+
+    Bucket limits are the right edges of the bins; the sum and sum of squares are estimated from the bin
+    centres.
+    """
+    total = int(histogram.counts.sum())
+    if total == 0:
+        return
+    centers = histogram.centers
+    writer.add_histogram_raw(
+        histogram_tag(layer, metric),
+        min=histogram.lo,
+        max=histogram.hi,
+        num=total,
+        sum=float(np.dot(histogram.counts, centers)),
+        sum_squares=float(np.dot(histogram.counts, centers**2)),
+        bucket_limits=histogram.edges[1:].tolist(),
+        bucket_counts=histogram.counts.tolist(),
+        global_step=step,
+    )
+
+
+def export_metrics(writer: object, rows: Sequence[dict]) -> None:
+    """Add ``metrics.jsonl`` rows to a ``SummaryWriter``: ``metrics/<key>`` per step, ``final/<split>``."""
     last_step = 0
     for row in rows:
         step = row.get("step")

@@ -11,7 +11,7 @@ import numpy as np
 
 from normlab.diagnostics import metrics as m
 from normlab.diagnostics.figures import new_figure, new_grid, save_figure, weight_parameters
-from normlab.diagnostics.findings import DEAD_LIMIT, SATURATION_LIMIT
+from normlab.diagnostics.findings import DEAD_LIMIT, SATURATION_GUIDE
 from normlab.diagnostics.storage import Diagnostics, Histogram
 
 HEATMAP_LAYERS_PER_FIGURE = 6
@@ -126,7 +126,7 @@ def plot_saturation(diagnostics: Diagnostics, path: str | os.PathLike) -> Path |
         )
     if saturated:
         axes.axhline(
-            100 * SATURATION_LIMIT, color="grey", linestyle=":", label=f"{SATURATION_LIMIT:.0%} limit"
+            100 * SATURATION_GUIDE, color="grey", linestyle=":", label=f"{SATURATION_GUIDE:.0%} guide"
         )
     if dead:
         axes.axhline(100 * DEAD_LIMIT, color="grey", linestyle="-.", label=f"{DEAD_LIMIT:.0%} limit")

@@ -95,6 +95,15 @@ def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
+def read_vocab_size(run_path: str | Path) -> int | None:
+    """The number of symbols in `RUN/vocab.json`, or None if it is missing or unreadable (for display)."""
+    try:
+        itos = json.loads((Path(run_path) / VOCAB).read_text(encoding="utf-8"))["itos"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return len(itos) if isinstance(itos, list) else None
+
+
 def read_config_json(run_path: str | Path) -> dict[str, Any] | None:
     """The raw JSON object of `RUN/config.json`, or None if it is missing or unreadable (for display)."""
     try:
