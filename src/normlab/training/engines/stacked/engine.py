@@ -85,8 +85,11 @@ class StackedEngine(Engine):
         """One step on the training examples `index` (M, B) with learning rates (M,); the losses (M,) before the
         update. (The gather happens here, inside a compiled call, fused with the embedding lookup.)"""
         factored = self.limits is None and self.optimizer.takes_factored_gradients
-        rows = self.stacked.rows(self.x[index])  # (M, B, T)
-        loss, grads = self.stacked.loss_and_gradients(None, self.y[index], rows=rows, factored=factored)
+        flat = index.reshape(-1)
+        contexts = self.x.index_select(0, flat).view(*index.shape, -1)  # (M, B, T)
+        targets = self.y.index_select(0, flat).view(index.shape)  # (M, B)
+        loss, grads = self.stacked.loss_and_gradients(None, targets, rows=self.stacked.rows(contexts),
+                                                      factored=factored)
         if self.limits is not None:
             _clip_per_model(grads, self.limits)
         self.optimizer.step(grads, rates)
