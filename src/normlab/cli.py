@@ -39,23 +39,36 @@ def _config(preset: str, args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    config = _config(args.preset or "lesson-batchnorm", args)
+    if args.device:
+        config.train.device = args.device
+    return config
+
+
 def _train(args: argparse.Namespace) -> int:
-    from normlab.runs import commands
-    from normlab.training import Interrupted
+    from normlab.runs import launch, ranks
 
     if args.resume and (args.preset or args.set or args.data or args.split_seed is not None):
         raise NormlabError("--resume continues a run with its saved config: drop --preset, --set, --data and "
                            "--split-seed")
+    if args.nproc is not None and not ranks.launched():  # this process launches; the workers train
+        return launch.launch_training(args.argv, args.nproc, args.out, None if args.resume else _train_config(args))
+    with ranks.as_rank(args.nproc):  # one rank of `--nproc`/torchrun workers (only rank 0 prints), or alone
+        return _train_here(args)
+
+
+def _train_here(args: argparse.Namespace) -> int:
+    from normlab.runs import commands
+    from normlab.training import Interrupted
+
     options = dict(diagnose=args.diagnose, every=args.every, calibrate=args.calibrate, progress=not args.quiet,
                    threads=args.threads)
     try:
         if args.resume:
             outcome = commands.resume_training(args.out, **options)
         else:
-            config = _config(args.preset or "lesson-batchnorm", args)
-            if args.device:
-                config.train.device = args.device
-            outcome = commands.start_training(config, args.out, **options)
+            outcome = commands.start_training(_train_config(args), args.out, **options)
     except Interrupted as stop:
         print(f"interrupted: checkpoint saved at step {stop.step} in {args.out}; continue with "
               f"`normlab train --resume --out {args.out}`", file=sys.stderr)
@@ -170,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--every", type=int, default=100, help="steps between diagnostic recordings")
     train.add_argument("--device", help="cpu or cuda (overrides train.device)")
     train.add_argument("--threads", type=int, help="torch threads (default: 1 for lesson-sized models, else torch's)")
+    train.add_argument("--nproc", type=int, help="train on N local processes with DistributedDataParallel, "
+                       "launched by torch's elastic launcher (as torchrun --nproc_per_node N); batch_size must be "
+                       "divisible by N")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
@@ -226,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`, which reruns it per process
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
