@@ -90,7 +90,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     config = _config(args.preset, args)
     runs = train_grid(config, parse_variations(args.vary), args.out, diagnose=args.diagnose, every=args.every,
-                      progress=not args.quiet)
+                      progress=not args.quiet, backend=ray_backend(args.ray))
     width = max(len(run.name) for run in runs)
     print(f"{'run':{width}}  {'train':>7}  {'val':>7}  {'test':>7}")
     for run in sorted(runs, key=lambda r: (r.diverged_at is not None, r.final["val"])):
@@ -99,6 +99,22 @@ def _sweep(args: argparse.Namespace) -> int:
               f"{status}")
     print(f"{len(runs)} run directories in {args.out}")
     return 0
+
+
+def ray_backend(address: str | None) -> object | None:
+    """`--ray [ADDRESS]`: a Ray backend (a local Ray instance without an address), or None without the flag."""
+    if address is None:
+        return None
+    from normlab.sweeps.backends import RayBackend
+
+    return RayBackend(address or None)
+
+
+def add_ray_argument(parser: argparse.ArgumentParser) -> None:
+    """`--ray [ADDRESS]`, for every command that runs sweeps."""
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="train the lockstep groups as Ray tasks: on a local Ray instance, or on the cluster at "
+                             "ADDRESS (e.g. auto, ray://host:10001); needs pip install 'normlab[ray]'")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -198,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--diagnose", action="store_true", help="record diagnostics and write each run's report")
     sweep.add_argument("--every", type=int, help="steps between diagnostic recordings (default: ten a run)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_argument(sweep)
     sweep.set_defaults(handler=_sweep)
 
     sample = commands.add_parser("sample", help="sample words from a run")
