@@ -109,3 +109,13 @@ def test_a_killed_rank_stops_the_others_with_one_line_and_keeps_the_checkpoint(w
     assert "normlab: error: rank 1 of 2" in text and "was killed by SIGKILL" in text, text
     model, step = RunDir.open(tmp_path / "killed").load_model()
     assert step % 100 == 0 and sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(),
+                    reason="needs two CUDA GPUs and NCCL (one GPU a rank)")
+def test_two_gpus_over_nccl_reproduce_the_one_gpu_syncbatchnorm_run(words_file, tmp_path):
+    assert main(_args(words_file, tmp_path / "one", "--device", "cuda")) == 0
+    assert main(_args(words_file, tmp_path / "two", "--device", "cuda", "--nproc", "2")) == 0
+    one, two = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    for key, value in one.items():
+        torch.testing.assert_close(two[key], value, rtol=1e-4, atol=1e-5, msg=key)

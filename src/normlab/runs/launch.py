@@ -18,7 +18,8 @@ import signal
 import sys
 import tempfile
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 from normlab.config import RunConfig
 from normlab.errors import ConfigError
@@ -48,13 +49,28 @@ def launch_training(argv: Sequence[str], nproc: int, out: str, config: RunConfig
     `torch.distributed.launcher.api.elastic_launch`; the exit code (0, 2 for a user error rank 0 printed, 130
     after Ctrl-C, 1 when a worker failed). `config`: the new run's, checked here first (None: resuming `out`,
     whose config is checked)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
     from normlab.runs.rundir import RunDir
 
     config = config or RunDir.open(out).config
     check_processes(nproc, config.train.batch_size, config.train.device)
+    try:
+        run_processes(sys.executable, ["-m", "normlab", *argv], nproc)
+    except SignalException:
+        return EXIT_INTERRUPTED  # the workers got the signal too; rank 0 said where it saved
+    except ChildFailedError as failed:
+        return _failure(failed, nproc, out)
+    return 0
+
+
+def run_processes(entrypoint: Callable[..., Any] | str, args: Sequence[Any], nproc: int) -> dict[int, Any]:
+    """`entrypoint(*args)` (a module-level function, or a program and its arguments) in `nproc` local processes
+    started by `elastic_launch` as `torchrun --standalone` starts them; each joins the group with
+    `normlab.runs.ranks.joined`. Returns {rank: return value} (None for a program); raises elastic_launch's
+    `ChildFailedError` if a process fails, `SignalException` on Ctrl-C."""
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     with tempfile.TemporaryDirectory(prefix="normlab-launch-") as logs, _worker_environment(), _quiet_launcher():
@@ -62,13 +78,7 @@ def launch_training(argv: Sequence[str], nproc: int, out: str, config: RunConfig
                               rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
                               monitor_interval=0.1, start_method="spawn", logs_specs=DefaultLogsSpecs(log_dir=logs),
                               shutdown_timeout=SHUTDOWN_TIMEOUT_S)
-        try:
-            elastic_launch(config, sys.executable)("-m", "normlab", *argv)
-        except SignalException:
-            return EXIT_INTERRUPTED  # the workers got the signal too; rank 0 said where it saved
-        except ChildFailedError as failed:
-            return _failure(failed, nproc, out)
-    return 0
+        return elastic_launch(config, entrypoint)(*args)
 
 
 def _failure(failed: object, nproc: int, out: str) -> int:

@@ -93,30 +93,51 @@ def as_rank(nproc: int | None = None) -> Iterator[bool]:
     if nproc is not None and nproc != local:
         raise ConfigError(f"--nproc {nproc} inside a launcher that started {local} processes on this node: drop "
                           "--nproc under torchrun (its --nproc_per_node says how many)")
+    with joined():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        previous = signal.signal(signal.SIGTERM, _stopped(rank, world))
+        try:
+            with _silenced(rank > 0):
+                yield rank == 0
+        except NormlabError:
+            if rank == 0:
+                raise
+            raise SystemExit(EXIT_USER_ERROR) from None
+        except (dist.DistError, RuntimeError) as error:
+            if not _is_communication_error(error):
+                raise
+            raise SystemExit(f"normlab: error: rank {rank} of {world} lost the other processes "
+                             f"({_first_line(error)}): the run stops; its last checkpoint stays loadable") from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def joined() -> Iterator[None]:
+    """Within the block, this process is a member of torch.distributed's default group, joined from the launcher's
+    environment (RANK, WORLD_SIZE, MASTER_ADDR...) and left at the end; with CUDA, on GPU LOCAL_RANK. A group
+    that is already initialised is used as it is."""
+    if dist.is_available() and dist.is_initialized():
+        yield
+        return
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend(), timeout=timeout())
-    rank, world = dist.get_rank(), dist.get_world_size()
-    previous = signal.signal(signal.SIGTERM, _stopped(rank, world))
     try:
-        with contextlib.ExitStack() as stack:
-            if rank > 0:
-                nowhere = stack.enter_context(open(os.devnull, "w"))
-                stack.enter_context(contextlib.redirect_stdout(nowhere))
-                stack.enter_context(contextlib.redirect_stderr(nowhere))
-            yield rank == 0
-    except NormlabError:
-        if rank == 0:
-            raise
-        raise SystemExit(EXIT_USER_ERROR) from None
-    except (dist.DistError, RuntimeError) as error:
-        if not _is_communication_error(error):
-            raise
-        raise SystemExit(f"normlab: error: rank {rank} of {world} lost the other processes ({_first_line(error)}): "
-                         "the run stops; its last checkpoint stays loadable") from None
+        yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _silenced(silent: bool) -> Iterator[None]:
+    """stdout and stderr to nowhere within the block, if `silent`."""
+    with contextlib.ExitStack() as stack:
+        if silent:
+            nowhere = stack.enter_context(open(os.devnull, "w"))
+            stack.enter_context(contextlib.redirect_stdout(nowhere))
+            stack.enter_context(contextlib.redirect_stderr(nowhere))
+        yield
 
 
 def _stopped(rank: int, world: int) -> Callable[[int, Any], None]:
