@@ -17,6 +17,15 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch.distributed with gloo is not available in this build")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread for the one-process runs, as each rank has: a second one only slows a tiny model down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Both ranks' results, from one spawn of two gloo processes."""
