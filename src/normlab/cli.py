@@ -39,23 +39,36 @@ def _config(preset: str, args: argparse.Namespace) -> RunConfig:
     return config
 
 
+def _train_config(args: argparse.Namespace) -> RunConfig:
+    config = _config(args.preset or "lesson-batchnorm", args)
+    if args.device:
+        config.train.device = args.device
+    return config
+
+
 def _train(args: argparse.Namespace) -> int:
-    from normlab.runs import commands
-    from normlab.training import Interrupted
+    from normlab.runs import launch, ranks
 
     if args.resume and (args.preset or args.set or args.data or args.split_seed is not None):
         raise NormlabError("--resume continues a run with its saved config: drop --preset, --set, --data and "
                            "--split-seed")
+    if args.nproc is not None and not ranks.launched():  # this process launches; the workers train
+        return launch.launch_training(args.argv, args.nproc, args.out, None if args.resume else _train_config(args))
+    with ranks.as_rank(args.nproc):  # one rank of `--nproc`/torchrun workers (only rank 0 prints), or alone
+        return _train_here(args)
+
+
+def _train_here(args: argparse.Namespace) -> int:
+    from normlab.runs import commands
+    from normlab.training import Interrupted
+
     options = dict(diagnose=args.diagnose, every=args.every, calibrate=args.calibrate, progress=not args.quiet,
                    threads=args.threads)
     try:
         if args.resume:
             outcome = commands.resume_training(args.out, **options)
         else:
-            config = _config(args.preset or "lesson-batchnorm", args)
-            if args.device:
-                config.train.device = args.device
-            outcome = commands.start_training(config, args.out, **options)
+            outcome = commands.start_training(_train_config(args), args.out, **options)
     except Interrupted as stop:
         print(f"interrupted: checkpoint saved at step {stop.step} in {args.out}; continue with "
               f"`normlab train --resume --out {args.out}`", file=sys.stderr)
@@ -77,7 +90,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
     config = _config(args.preset, args)
     runs = train_grid(config, parse_variations(args.vary), args.out, diagnose=args.diagnose, every=args.every,
-                      progress=not args.quiet)
+                      progress=not args.quiet, backend=ray_backend(args.ray))
     width = max(len(run.name) for run in runs)
     print(f"{'run':{width}}  {'train':>7}  {'val':>7}  {'test':>7}")
     for run in sorted(runs, key=lambda r: (r.diverged_at is not None, r.final["val"])):
@@ -86,6 +99,22 @@ def _sweep(args: argparse.Namespace) -> int:
               f"{status}")
     print(f"{len(runs)} run directories in {args.out}")
     return 0
+
+
+def ray_backend(address: str | None) -> object | None:
+    """`--ray [ADDRESS]`: a Ray backend (a local Ray instance without an address), or None without the flag."""
+    if address is None:
+        return None
+    from normlab.sweeps.backends import RayBackend
+
+    return RayBackend(address or None)
+
+
+def add_ray_argument(parser: argparse.ArgumentParser) -> None:
+    """`--ray [ADDRESS]`, for every command that runs sweeps."""
+    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                        help="train the lockstep groups as Ray tasks: on a local Ray instance, or on the cluster at "
+                             "ADDRESS (e.g. auto, ray://host:10001); needs pip install 'normlab[ray]'")
 
 
 def _sample(args: argparse.Namespace) -> int:
@@ -170,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--every", type=int, default=100, help="steps between diagnostic recordings")
     train.add_argument("--device", help="cpu or cuda (overrides train.device)")
     train.add_argument("--threads", type=int, help="torch threads (default: 1 for lesson-sized models, else torch's)")
+    train.add_argument("--nproc", type=int, help="train on N local processes with DistributedDataParallel, "
+                       "launched by torch's elastic launcher (as torchrun --nproc_per_node N); batch_size must be "
+                       "divisible by N")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(handler=_train)
 
@@ -182,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--diagnose", action="store_true", help="record diagnostics and write each run's report")
     sweep.add_argument("--every", type=int, help="steps between diagnostic recordings (default: ten a run)")
     sweep.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_ray_argument(sweep)
     sweep.set_defaults(handler=_sweep)
 
     sample = commands.add_parser("sample", help="sample words from a run")
@@ -226,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the exit code."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`, which reruns it per process
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -24,7 +24,7 @@ BATCH_NORMS = ("batch", "batchrenorm", "ghostbatch", "syncbatch")  # norms over 
 ACTIVATIONS = ("tanh", "relu")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
-ENGINES = ("auto", "reference", "stacked")
+ENGINES = ("auto", "reference", "stacked", "ddp")
 
 
 def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -122,7 +122,7 @@ class TrainConfig:
     eval_examples: int = 10_000  # size of those subsets
     checkpoint_every: int = 50_000
     device: str = "cpu"
-    engine: str = "auto"  # auto | reference | stacked: how steps are computed (see normlab.training.engines)
+    engine: str = "auto"  # auto | reference | stacked | ddp: how steps are computed (normlab.training.engines)
     compile: bool | None = None  # torch.compile the stacked engine's steps; None: when the run is long enough
 
     def validate(self) -> None:

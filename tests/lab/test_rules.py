@@ -85,10 +85,18 @@ def _batch_coupling() -> dict:
     return {"batch_sizes": [2, 32, 256], "val_loss": losses}
 
 
+def _data_parallel() -> dict:
+    return {"ranks": [1, 2, 4],
+            "val_loss": {"batch": [2.30, 2.31, 2.33], "syncbatch": [2.30, 2.3005, 2.2995],
+                         "ghostbatch": [2.33, 2.33, 2.33], "layer": [2.25, 2.25, 2.25]},
+            "stats_error": {"batch": [0.05, 0.07, 0.10], "syncbatch": [0.05, 0.05, 0.051],
+                            "ghostbatch": [0.1, 0.1, 0.1], "layer": [None, None, None]}}
+
+
 GOOD = {"depth": _depth, "init-schemes": _init_schemes, "saturation": _saturation,
         "init-sensitivity": _init_sensitivity, "learning-rate": _learning_rate, "train-vs-eval": _train_vs_eval,
         "momentum": _momentum, "affine": _affine, "temperature": _temperature, "softmax-init": _softmax_init,
-        "seeds": _seeds, "batch-coupling": _batch_coupling}
+        "seeds": _seeds, "batch-coupling": _batch_coupling, "data-parallel": _data_parallel}
 
 
 def _set(path: str, value):
@@ -132,6 +140,10 @@ BROKEN = [  # (experiment, the change, the check that must fail)
     ("seeds", _set("val_loss/layer", [2.35, 2.35, 2.35]), "differ across seeds"),
     ("seeds", _set("val_loss/none/0", None), "more than the noise"),  # a diverged run: no finite comparison
     ("batch-coupling", _set("val_loss/rms/0", 3.1), "than rms"),  # RMSNorm degrades by 0.7 > 0.6
+    ("data-parallel", _set("val_loss/batch/2", 2.304), "val loss rises"),  # +0.004 at 4 ranks: within 0.005
+    ("data-parallel", _set("stats_error/batch/2", 0.07), "error grows"),  # 1.4x
+    ("data-parallel", _set("val_loss/syncbatch/1", 2.305), "val loss stays"),  # 0.005 from one process
+    ("data-parallel", _set("stats_error/syncbatch/2", 0.06), "error stays"),  # 1.2x
 ]
 
 

@@ -177,3 +177,43 @@ def test_resuming_from_saved_states_ends_exactly_where_one_run_ends(engine_name)
     for (name, a), b in zip(whole.model_state(0).items(), second.model_state(0).values()):
         assert torch.equal(a, b), name
     assert [row["val_loss"] for _, row in resumed_rows] == [row["val_loss"] for _, row in rows if row["step"] > 30]
+
+
+class TwoProcessEngine(ScriptedEngine):
+    """A scripted engine that says it computes its steps with another process: `agree` records the steps it is
+    called at and adds what the other process reports (a stop from step `other_stops_at` on)."""
+
+    processes = 2
+
+    def __init__(self, other_stops_at: int | None = None, **options):
+        super().__init__(**options)
+        self.other_stops_at, self.agreed = other_stops_at, []
+
+    def agree(self, losses, stop):
+        self.agreed.append((self.step, stop))
+        other = self.other_stops_at is not None and self.step >= self.other_stops_at
+        return losses, stop or other
+
+
+def test_several_processes_agree_on_a_ctrl_c_at_the_next_sync():
+    config = TrainConfig(steps=500, batch_size=8, eval_every=1000, checkpoint_every=1000)
+
+    def press_ctrl_c(step, model):
+        if step == 17:
+            os.kill(os.getpid(), signal.SIGINT)
+        return 1.0
+
+    engine = TwoProcessEngine(losses=press_ctrl_c)
+    with pytest.raises(Interrupted) as stop:
+        _run(engine, config)
+    assert stop.value.step == SYNC_EVERY and engine.agreed == [(SYNC_EVERY, True)]  # not at step 18: no sync there
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_stop_asked_of_another_process_stops_this_one_at_the_same_sync_with_one_checkpoint():
+    config = TrainConfig(steps=500, batch_size=8, eval_every=1000, checkpoint_every=1000)
+    engine, checkpoints = TwoProcessEngine(other_stops_at=250), []
+    with pytest.raises(Interrupted) as stop:
+        train_loop(engine, [config], TRAIN_XY, VAL_XY, progress=False, events=LoopEvents(checkpoint=checkpoints.append))
+    assert stop.value.step == 300 and engine.agreed == [(100, False), (200, False), (300, False)]
+    assert checkpoints == [300]

@@ -27,10 +27,11 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from normlab.cli import ray_backend
     from normlab.lab.runner import run_experiments
 
     results = run_experiments([args.name], mode="quick" if args.quick else "full", out=args.out, data=args.data,
-                              progress=not args.quiet, force=args.force,
+                              progress=not args.quiet, force=args.force, backend=ray_backend(args.ray),
                               log=None if args.quiet else lambda line: print(f"lab: {line}", file=sys.stderr))
     for result in results:
         print(f"{result.name}: {result.verdict}  ({result.seconds:.1f} s)  {result.directory}")
@@ -57,5 +58,8 @@ def add_lab_commands(subparsers: Any) -> argparse.ArgumentParser:
     run.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
     run.add_argument("--force", action="store_true", help="replace existing results in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
+    from normlab.cli import add_ray_argument
+
+    add_ray_argument(run)
     run.set_defaults(handler=_run)
     return lab

@@ -26,6 +26,7 @@ from normlab.errors import ConfigError
 from normlab.files import atomic_write
 from normlab.lab.common import MODES, Check, Experiment, LabData
 from normlab.lab.registry import EXPERIMENTS, get_experiment
+from normlab.sweeps.runner import use_backend
 from normlab.training.threads import torch_threads
 
 RESULT, SUMMARY, INDEX = "result.json", "summary.md", "index.html"
@@ -46,21 +47,25 @@ class LabResult:
 
 
 def run_experiment(name: str, *, mode: str = "full", out: str | Path = "lab", data: LabData | str | Path | None = None,
-                   progress: bool = True, force: bool = False, log: Callable[[str], None] | None = None) -> LabResult:
+                   progress: bool = True, force: bool = False, log: Callable[[str], None] | None = None,
+                   backend: Any = None) -> LabResult:
     """Run the experiment `name` in `mode` (tiny, quick or full) and write its folder `out/name`."""
-    return run_experiments([name], mode=mode, out=out, data=data, progress=progress, force=force, log=log)[0]
+    return run_experiments([name], mode=mode, out=out, data=data, progress=progress, force=force, log=log,
+                           backend=backend)[0]
 
 
 def run_experiments(names: Sequence[str], *, mode: str = "full", out: str | Path = "lab",
                     data: LabData | str | Path | None = None, progress: bool = True, force: bool = False,
-                    index: bool = False, log: Callable[[str], None] | None = None) -> list[LabResult]:
+                    index: bool = False, log: Callable[[str], None] | None = None,
+                    backend: Any = None) -> list[LabResult]:
     """Run the named experiments one after the other (`["all"]`: every one, and the index page); returns their
     results in order.
 
     Everything is checked before any work starts: the names, the mode, and that no folder (nor the index page)
     would be replaced without `force`. `data` is loaded once: a `LabData`, a words file, or None (the bundled
     names). `progress` shows the sweeps' progress bars; `log`, if given, gets a line as each experiment starts and
-    ends.
+    ends. `backend`: where the experiments' sweeps train (`normlab.sweeps.backends`, e.g. a `RayBackend`; None:
+    local processes).
     """
     if mode not in MODES:
         raise ConfigError(f"unknown lab mode {mode!r}: choose one of {', '.join(MODES)}")
@@ -79,7 +84,7 @@ def run_experiments(names: Sequence[str], *, mode: str = "full", out: str | Path
     if not isinstance(data, LabData):
         data = LabData.load(data)
     out.mkdir(parents=True, exist_ok=True)
-    with torch_threads(1):  # lesson-sized work: a second thread gains little and costs much on a busy machine
+    with torch_threads(1), use_backend(backend):  # lesson-sized work: a second thread costs much on a busy machine
         results = [_run_one(experiment, mode, out, data, progress, log) for experiment in experiments]
     if index:
         from normlab.lab.page import index_page

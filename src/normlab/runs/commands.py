@@ -16,6 +16,7 @@ from normlab.config import RunConfig
 from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits, random_batch
 from normlab.errors import CheckpointError, DataError, TrainingDiverged
 from normlab.model import build_model
+from normlab.runs import ranks
 from normlab.runs.rundir import DIAGNOSTICS, RunDir, read_metrics
 from normlab.sample import Diversity, Samples, diversity, sample_words
 from normlab.training import LoopEvents, calibrate_batchnorm, choose_engine, create_engine, evaluate, train_loop
@@ -74,7 +75,7 @@ def start_training(config: RunConfig, out: str | Path, **options: Any) -> TrainO
     config.validate()
     choose_engine(config.model, config.train)  # a ConfigError before anything is written
     vocab, splits = load_new_run_data(config)
-    run = RunDir.create(out, config, vocab)
+    run = ranks.on_main(lambda: RunDir.create(out, config, vocab), lambda: RunDir(Path(out), config, vocab))
     return _train_and_finish(run, splits, None, 0, options_)
 
 
@@ -89,7 +90,7 @@ def resume_training(out: str | Path, **options: Any) -> TrainOutcome:
     if step >= run.config.train.steps:
         raise CheckpointError(f"{run.path} already finished its {run.config.train.steps} steps; nothing to resume")
     optimizer_state = run.load_optimizer_state(step)
-    run.keep_metrics_until(step)
+    ranks.on_main(lambda: run.keep_metrics_until(step), lambda: None)
     return _train_and_finish(run, splits, (state, optimizer_state), step, options_)
 
 
@@ -106,6 +107,7 @@ def _check_same_data(run: RunDir) -> None:
 def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | None, start_step: int,
                       options: TrainOptions) -> TrainOutcome:
     config = run.config
+    main = ranks.is_main()  # of several processes (normlab.runs.ranks), rank 0 alone writes
     threads = options.threads or threads_for(work_per_step([config.model], config.train.batch_size))
     with torch_threads(threads):
         engine = create_engine([config.model], [config.train], len(run.vocab), splits.train,
@@ -115,20 +117,24 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
             engine.attach_monitors(options.every)
 
         def checkpoint(step: int) -> None:
-            run.save_checkpoint(engine.model_state(0), engine.optimizer_state(0), step)
-            if engine.monitors:
+            if main:
+                run.save_checkpoint(engine.model_state(0), engine.optimizer_state(0), step)
+            if engine.monitors:  # on every rank: the statistics are reduced over all of them; rank 0 writes
                 engine.monitors[0].save(run.path)
 
-        events = LoopEvents(log=lambda _, row: run.append_metrics(row), checkpoint=checkpoint)
+        events = LoopEvents(log=(lambda _, row: run.append_metrics(row)) if main else None, checkpoint=checkpoint)
         try:
             diverged = train_loop(engine, [config.train], splits.train, splits.val, start_step=start_step,
-                                  events=events, progress=options.progress)
+                                  events=events, progress=options.progress and main)
         finally:
             engine.close()
         if diverged:
             raise TrainingDiverged(diverged[0].message(config.train), diverged[0].step)
         model = engine.modules()[0]
         outcome = TrainOutcome(run, final={}, engine=choose_engine(config.model, config.train))
+        if not main:  # rank 0 measures and reports
+            outcome.final = dict.fromkeys(("train", "val", "test"), math.nan)
+            return outcome
         if options.calibrate:
             outcome.calibration = _calibrate(run, model, splits)
         outcome.final = record_final_losses(run, model, splits)

@@ -14,6 +14,7 @@ import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from normlab.config import RunConfig, apply_override
 from normlab.data import Splits, Vocab
@@ -69,10 +70,11 @@ def grid_configs(base: RunConfig, variations: dict[str, list[str]]) -> list[tupl
 
 
 def train_grid(base: RunConfig, variations: dict[str, list[str]], out: str | Path, *, diagnose: bool = False,
-               every: int | None = None, progress: bool = True) -> list[GridRun]:
+               every: int | None = None, progress: bool = True, backend: Any = None) -> list[GridRun]:
     """Train every configuration of the grid into `out/<name>/`; returns them in grid order.
 
-    `diagnose` records diagnostics every `every` steps (default: about ten recordings a run).
+    `diagnose` records diagnostics every `every` steps (default: about ten recordings a run). `backend`: where
+    the lockstep groups train (`normlab.sweeps.backends`; None: local processes).
     """
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -81,20 +83,20 @@ def train_grid(base: RunConfig, variations: dict[str, list[str]], out: str | Pat
     runs: list[GridRun] = []
     for block_size in sorted({config.model.block_size for _, config in configs}):  # one dataset per block size
         group = [(name, config) for name, config in configs if config.model.block_size == block_size]
-        runs += _train_group(group, out, diagnose, every, progress)
+        runs += _train_group(group, out, diagnose, every, progress, backend)
     order = {name: index for index, (name, _) in enumerate(configs)}
     return sorted(runs, key=lambda run: order[run.name])
 
 
 def _train_group(group: list[tuple[str, RunConfig]], out: Path, diagnose: bool, every: int | None,
-                 progress: bool) -> list[GridRun]:
+                 progress: bool, backend: Any) -> list[GridRun]:
     first = group[0][1]
     vocab, splits = load_new_run_data(first)  # the configurations of a grid share their data
     if diagnose and every is None:
         every = max(1, min(config.train.steps for _, config in group) // 10)
     runs = [SweepRun(name, config.model, config.train) for name, config in group]
     results = run_sweep(runs, splits, len(vocab), progress=progress, keep_models=True,
-                        diagnose_every=every if diagnose else None)
+                        diagnose_every=every if diagnose else None, backend=backend)
     landed = []
     for (name, config), result in zip(group, results):
         config.data = dataclasses.replace(config.data, path=first.data.path, sha256=first.data.sha256)

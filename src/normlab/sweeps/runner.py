@@ -12,11 +12,13 @@ or in worker processes. Modules are built only where a caller asks for one (`Swe
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -30,6 +32,7 @@ from normlab.training import LoopEvents, create_engine, train_loop
 from normlab.training.engines import Engine, Split, lockstep_key
 
 PARALLEL_MIN_STEPS = 20_000  # model-steps below which starting worker processes (about 2 s) does not pay
+_default_backend: contextvars.ContextVar[Any] = contextvars.ContextVar("sweep_backend", default=None)
 
 
 @dataclass
@@ -130,10 +133,12 @@ def run_sweep(runs: Sequence[SweepRun], splits: Splits, vocab_size: int, *, prog
     initialisation) after which to keep each model's state. `final_examples`: evaluate the final losses on fixed
     random subsets of at most that many examples (None: the whole splits). `group_size`: the most runs trained
     together. `diagnose_every`: record diagnostics every that many steps. `backend`: where the groups train (a
-    `normlab.sweeps.backends` backend; None: local processes as `processes` says).
+    `normlab.sweeps.backends` backend; None: the one `use_backend` set, else local processes as `processes`
+    says).
     """
     from normlab.sweeps.backends import LocalBackend
 
+    backend = backend if backend is not None else _default_backend.get()
     _check_runs(runs, snapshot_steps, processes, final_examples, group_size)
     groups = sorted(lockstep_groups(runs, group_size), key=lambda group: -group.cost)
     final_train = random_subset(splits.train, final_examples, torch.Generator().manual_seed(1))
@@ -159,6 +164,17 @@ def run_sweep(runs: Sequence[SweepRun], splits: Splits, vocab_size: int, *, prog
         for index, run, output in zip(group.indices, group.runs, group_output):
             results[index] = _result(run, output, vocab_size)
     return results
+
+
+@contextlib.contextmanager
+def use_backend(backend: Any) -> Iterator[None]:
+    """Within the block, `run_sweep` calls that name no backend train their groups on `backend` (e.g. every sweep
+    of a lab run on Ray)."""
+    token = _default_backend.set(backend)
+    try:
+        yield
+    finally:
+        _default_backend.reset(token)
 
 
 def _check_runs(runs: Sequence[SweepRun], snapshot_steps: Sequence[int], processes: int | None,

@@ -2,8 +2,9 @@
 
 `train_loop` owns the learning-rate schedule, the batches (a pure function of seed and step, see
 `normlab.training.schedule`), the batch losses kept on the device and checked every `SYNC_EVERY` steps, the
-evaluations on fixed subsets, checkpoints, Ctrl-C (a checkpoint at the next step boundary), resuming from a
-step, diagnostics' recording steps and one divergence policy:
+evaluations on fixed subsets, checkpoints, Ctrl-C (a checkpoint at the next step boundary; with several
+processes, at the next sync, which they agree on), resuming from a step, diagnostics' recording steps and one
+divergence policy:
 
     A model whose batch loss becomes NaN or Inf has diverged at that step. The loop notices at the next sync
     (every SYNC_EVERY steps, and before every evaluation and checkpoint), so neither an evaluation nor a
@@ -102,6 +103,14 @@ class LossWindow:
         """Store the losses (K, M) of the K steps from `step` (within one window)."""
         start = step % SYNC_EVERY
         self.values[start:start + losses.shape[0]].copy_(losses)
+
+    def agree(self, engine: Engine, last: int, stop: bool) -> bool:
+        """Replace the losses up to step `last` by those the engine's processes agree on (`Engine.agree`); whether
+        any process was asked to stop."""
+        window = self.values[: last % SYNC_EVERY + 1]
+        agreed, stop = engine.agree(window, stop)
+        window.copy_(agreed)
+        return stop
 
     def check(self, last: int, diverged: dict[int, Divergence]) -> float:
         """Record in `diverged` each model's first NaN/Inf loss up to step `last`; the mean of the finite losses."""
@@ -206,8 +215,9 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
             step += size
             done = step
             eval_due, checkpoint_due = due(done, first.eval_every), due(done, first.checkpoint_every)
-            checkpoint_due = checkpoint_due or interrupt.raised
-            if done % SYNC_EVERY == 0 or eval_due or checkpoint_due:
+            stop = interrupt.raised and engine.processes == 1  # several processes agree on a stop at a sync
+            if done % SYNC_EVERY == 0 or eval_due or checkpoint_due or stop:
+                stop = window.agree(engine, done - 1, interrupt.raised)
                 _show_progress(bar, done, window.check(done - 1, diverged))
                 if events.sync is not None:
                     events.sync(done)
@@ -215,9 +225,10 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
                     break
             if eval_due and events.log is not None:
                 _log_losses(engine, subsets, configs, done, time.perf_counter() - started, events.log)
-            if checkpoint_due and events.checkpoint is not None:
+            saved = checkpoint_due or stop
+            if saved and events.checkpoint is not None:
                 events.checkpoint(done)
-            if interrupt.raised:
+            if stop or (saved and interrupt.raised and engine.processes == 1):  # a Ctrl-C during the save: saved
                 _close(bar)
                 raise Interrupted(done)
     _close(bar)

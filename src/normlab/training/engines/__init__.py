@@ -4,9 +4,10 @@ the `Engine` interface:
 
     reference   normlab's modules, autograd and torch.optim, one model: the specification
     stacked     M models of one MLP architecture as stacked tensors, a hand-written backward, optionally compiled
+    ddp         one model over the processes of a torch.distributed group, each taking its slice of every batch
 
-`choose_engine` picks the engine of a configuration (`train.engine = auto | reference | stacked`) for the CLI,
-the sweeps and the lab alike; `create_engine` builds it from initial or saved state dicts.
+`choose_engine` picks the engine of a configuration (`train.engine = auto | reference | stacked | ddp`) for the
+CLI, the sweeps and the lab alike; `create_engine` builds it from initial or saved state dicts.
 """
 
 from __future__ import annotations
@@ -37,12 +38,20 @@ class Engine(ABC):
     num_models: int
     device: torch.device
     steps_per_call: int = 1  # the most steps `run_steps` takes at once (the compiled chunk of the stacked engine)
+    processes: int = 1  # processes computing each step together (a multi-process engine: its world size)
 
     @abstractmethod
     def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
         """Train K consecutive steps (K = 1 or `steps_per_call`): batch indices (K, M, B), learning rates (K, M)
         float64 on the CPU. Returns each step's batch losses (K, M) before its update, on the device (no host
         synchronisation needed)."""
+
+    def agree(self, losses: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
+        """What the processes computing the steps together must agree on at a sync of the loop: the batch losses
+        (S, M) of the steps since the last sync, each process's the mean over its share of the batch, become the
+        global batch's; and whether any process was asked to stop. The loop calls it at the same steps on every
+        process. One process (this default): both as they are."""
+        return losses, stop
 
     @abstractmethod
     def evaluate(self, splits: Sequence[Split]) -> list[float]:
@@ -85,15 +94,32 @@ class Engine(ABC):
 
 
 def choose_engine(model: ModelConfig, train: TrainConfig) -> str:
-    """The engine that runs `model` with `train`: `train.engine`, where `auto` is the stacked engine whenever it
-    supports the model, else the reference engine. `ConfigError` when the stacked engine is asked for a model it
-    cannot run."""
+    """The engine that runs `model` with `train`: `train.engine`, where `auto` is the ddp engine under an
+    initialised torch.distributed group of more than one process, else the stacked engine whenever it supports
+    the model, else the reference engine. `ConfigError` when the stacked engine is asked for a model it cannot
+    run, the ddp engine without torch.distributed, or a one-process engine under several processes."""
+    world = distributed_world_size()
+    if train.engine == "ddp" or (train.engine == "auto" and world > 1):
+        if world == 0:
+            raise ConfigError("train.engine=ddp needs torch.distributed: launch the run with `normlab train --nproc "
+                              "N ...` or `torchrun --nproc_per_node N -m normlab train ...`")
+        return "ddp"
+    if world > 1:
+        raise ConfigError(f"train.engine={train.engine} would train the whole model in each of the {world} "
+                          "processes of torch.distributed: use engine=auto or engine=ddp")
     problem = stacking_problem(model)
     if train.engine == "stacked" and problem is not None:
         raise ConfigError(f"train.engine=stacked cannot run {problem}: use engine=auto or engine=reference")
     if train.engine == "auto":
         return "reference" if problem is not None else "stacked"
     return train.engine
+
+
+def distributed_world_size() -> int:
+    """The processes of torch.distributed's default group, or 0 when none is initialised."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 0
 
 
 def lockstep_key(model: ModelConfig, train: TrainConfig) -> tuple | None:
@@ -121,19 +147,23 @@ def create_engine(models: Sequence[ModelConfig], trains: Sequence[TrainConfig], 
         raise ConfigError("configurations trained at once must share their architecture and the train fields "
                           f"{', '.join(SHARED_FIELDS)}, and run on the stacked engine")
     name = names.pop()
-    if name == "reference" and len(models) > 1:
-        raise ConfigError("the reference engine trains one model at a time; use engine=stacked for several")
+    if name != "stacked" and len(models) > 1:
+        raise ConfigError(f"the {name} engine trains one model at a time; use engine=stacked for several")
     device = torch.device(trains[0].device)
-    if name == "reference":
-        from normlab.training.engines.reference import ReferenceEngine
-
+    if name != "stacked":
         model = build_model(models[0], vocab_size, seed=trains[0].seed)  # drawn in float32, then converted
         if states is not None:
             model.load_state_dict(states[0])
         if dtype is not None:
             model.to(dtype)
-        return ReferenceEngine(model.to(device), trains[0], train_xy,
-                               optimizer_state=optimizer_states[0] if optimizer_states else None)
+        optimizer_state = optimizer_states[0] if optimizer_states else None
+        if name == "ddp":
+            from normlab.training.engines.distributed import DistributedEngine
+
+            return DistributedEngine(model, trains[0], train_xy, optimizer_state=optimizer_state)
+        from normlab.training.engines.reference import ReferenceEngine
+
+        return ReferenceEngine(model.to(device), trains[0], train_xy, optimizer_state=optimizer_state)
     from normlab.training.engines.stacked.engine import StackedEngine
 
     states = initial_states(models, trains, vocab_size) if states is None else states
