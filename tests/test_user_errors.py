@@ -100,6 +100,9 @@ def test_running_out_of_memory_while_training_is_one_line_and_frees_the_out(tmp_
     assert _train(out, words_file) == 2
     assert "out of memory" in user_error(capsys)
     assert not out.exists()  # nothing trained, nothing kept: the same --out can be used again
+    out.mkdir()  # a folder the user made is left in place, empty
+    assert _train(out, words_file) == 2
+    assert "out of memory" in user_error(capsys) and out.is_dir() and not any(out.iterdir())
 
 
 @pytest.mark.parametrize("field, value, message", [

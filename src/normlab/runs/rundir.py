@@ -117,6 +117,7 @@ class RunDir:
     config: RunConfig
     vocab: Vocab
     lock: RunLock = field(init=False, repr=False, compare=False)
+    made_folder: bool = field(default=False, init=False, repr=False, compare=False)  # by `create`
 
     def __post_init__(self) -> None:
         self.lock = RunLock(self.path)
@@ -135,12 +136,14 @@ class RunDir:
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise CheckpointError(f"{path} already exists and is not a folder: choose another --out")
+        made = not path.exists()
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise CheckpointError(f"cannot create the run directory {path} ({error.strerror or error}): choose "
                                   "another --out, in a folder you can write to") from None
         run = cls(path, config, vocab)
+        run.made_folder = made
         run._refuse_taken()
         run.lock.acquire("train")
         try:
@@ -205,12 +208,12 @@ class RunDir:
 
     def discard_new(self) -> None:
         """Remove what `create` wrote (a run that failed before its first checkpoint, so that the same `--out`
-        can be used again), and the folder itself when nothing else is left in it."""
+        can be used again), and the folder itself if `create` made it and nothing else is left in it."""
         for name in (CONFIG, VOCAB, METRICS):
             (self.path / name).unlink(missing_ok=True)
         self.release()
         (self.path / LOCK_FILE).unlink(missing_ok=True)
-        if not any(self.path.iterdir()):
+        if self.made_folder and not any(self.path.iterdir()):
             self.path.rmdir()
 
     # ------------------------------------------------------------------------------------------- checkpoints
