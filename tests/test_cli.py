@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_command, user_error
-from safetensors.torch import load_file
+from runs.helpers import assert_same_checkpoint, assert_same_tensors, checkpoint_file
 
 from normlab.cli import main
 from normlab.runs.rundir import RunDir
@@ -25,14 +25,8 @@ def _train(out: Path, words_file: Path, *extra: str) -> int:
 
 
 def _digest(folder: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
-
-
-def _assert_same_tensors(path: Path, other: Path) -> None:
-    a, b = load_file(path), load_file(other)
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), (path.name, key)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
 
 
 @pytest.fixture
@@ -44,7 +38,9 @@ def trained_run(tmp_path, words_file):
 
 def test_train_writes_a_complete_run_directory(trained_run, capsys):
     names = {p.name for p in trained_run.iterdir()}
-    assert {"config.json", "vocab.json", "model.safetensors", "optimizer.safetensors", "metrics.jsonl"} <= names
+    assert {"config.json", "vocab.json", "checkpoint.json", "checkpoint-120", "metrics.jsonl"} <= names
+    assert {p.name for p in (trained_run / "checkpoint-120").iterdir()} == {"model.safetensors",
+                                                                          "optimizer.safetensors"}
     rows = RunDir.open(trained_run).read_metrics()
     assert [row["step"] for row in rows if "val_loss" in row] == [40, 80, 120]
     assert rows[-1]["event"] == "final" and rows[-1]["val"] > 0
@@ -54,7 +50,7 @@ def test_train_writes_a_complete_run_directory(trained_run, capsys):
 def test_the_same_command_gives_the_same_numbers(tmp_path, words_file, trained_run):
     again = tmp_path / "again"
     assert _train(again, words_file) == 0
-    _assert_same_tensors(again / "model.safetensors", trained_run / "model.safetensors")
+    assert_same_tensors(checkpoint_file(again), checkpoint_file(trained_run))
 
 
 @pytest.mark.parametrize("optimizer", [[], ["--set", "optimizer=adamw", "--set", "lr=0.01"],
@@ -79,8 +75,7 @@ def test_resume_after_ctrl_c_ends_with_the_uninterrupted_parameters(tmp_path, wo
     assert RunDir.open(out).model_step() == 40
     monkeypatch.setattr(RunDir, "save_checkpoint", original)
     assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0
-    for name in ("model.safetensors", "optimizer.safetensors"):
-        _assert_same_tensors(out / name, uninterrupted / name)
+    assert_same_checkpoint(out, uninterrupted)
     steps = [row["step"] for row in RunDir.open(out).read_metrics() if "val_loss" in row]
     assert steps == [40, 80, 120]
 
@@ -130,8 +125,8 @@ def test_an_existing_run_is_never_overwritten(trained_run, words_file, capsys):
 
 
 @pytest.mark.parametrize("damage, message", [
-    (lambda run: (run / "model.safetensors").write_bytes(b"\x00garbage"), "corrupted"),
-    (lambda run: (run / "model.safetensors").unlink(), "is missing"),
+    (lambda run: checkpoint_file(run).write_bytes(b"\x00garbage"), "corrupted"),
+    (lambda run: checkpoint_file(run).unlink(), "is missing"),
     (lambda run: (run / "config.json").write_text(
         (run / "config.json").read_text().replace('"n_hidden": 16', '"n_hidden": 17')), "does not match"),
     (lambda run: (run / "config.json").write_text("{not json"), "not valid JSON"),
@@ -233,4 +228,90 @@ def test_split_seed_chooses_another_lesson_style_split(tmp_path, words_file, cap
     assert main(["eval", str(out), "--data", str(val_file)]) == 0
     assert capsys.readouterr().out.split("loss")[1].split()[0] == split_loss
     assert main(["train", "--resume", "--out", str(out), "--split-seed", "8"]) == 2
-    assert "drop --preset, --set, --data and --split-seed" in user_error(capsys)
+    assert "drop --preset, --data, --split-seed and --device" in user_error(capsys)
+
+
+def test_help_and_version_import_nothing_heavy():
+    probe = """
+import sys
+from normlab.cli import main
+for argv in (["--help"], ["--version"], ["sample", "--help"], ["export", "--help"]):
+    try:
+        main(argv)
+    except SystemExit:
+        pass
+print(sorted({"torch", "numpy", "matplotlib", "normlab.config", "normlab.lab"} & set(sys.modules)))
+"""
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_version_and_python_dash_m(tmp_path):
+    from normlab import __version__
+
+    for command in ([sys.executable, "-m", "normlab", "--version"], [sys.executable, "-m", "normlab.cli", "--version"]):
+        result = subprocess.run(command, capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout == f"normlab {__version__}\n"
+    result = subprocess.run([sys.executable, "-m", "normlab", "eval", str(tmp_path / "nope")], capture_output=True,
+                            text=True)
+    assert result.returncode == 2 and result.stderr.startswith("normlab: error: ") and result.stderr.count("\n") == 1
+
+
+def test_every_option_shows_its_default_in_its_help():
+    import argparse
+
+    from normlab.cli_parser import COMMANDS, build_parser
+
+    subparsers = next(action for action in build_parser(every=True)._actions
+                      if isinstance(action, argparse._SubParsersAction))
+    without = []
+    for name in COMMANDS:
+        parser = subparsers.choices[name]
+        for action in parser._actions:
+            if action.option_strings and action.nargs != 0 and not action.required:
+                text = parser.formatter_class("normlab")._get_help_string(action)
+                if "default" not in text:
+                    without.append((name, action.dest))
+    assert without == [("train", "set"), ("sweep", "set"), ("eval", "data"), ("inspect", "set")]  # none to show
+
+
+def test_train_help_lists_the_presets_and_every_key(capsys):
+    from normlab.cli_parser import DEFAULT_PRESET as CLI_DEFAULT
+    from normlab.config import DEFAULT_PRESET, PRESETS, config_keys
+
+    assert CLI_DEFAULT == DEFAULT_PRESET
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert all(name in out for name in PRESETS)
+    assert all(key.split(".")[1] in out for key in config_keys() if key != "data.sha256")
+    assert "(default: lesson-batchnorm)" in out
+
+
+def test_presets_verbose_shows_the_data_settings_too(capsys):
+    assert main(["presets", "-v"]) == 0
+    assert '"split_seed": 42' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("engine", ["stacked", "reference"])
+def test_diagnose_says_which_engine_records(tmp_path, words_file, capsys, engine):
+    assert _train(tmp_path / "run", words_file, "--set", f"engine={engine}", "--diagnose", "--every", "40") == 0
+    assert f"recording diagnostics every 40 steps on the {engine} engine" in capsys.readouterr().err
+
+
+def test_a_compiled_run_says_so_before_it_starts(tmp_path, words_file, capsys, monkeypatch):
+    from normlab.training.engines.stacked.engine import StackedEngine
+
+    monkeypatch.setattr(StackedEngine, "compiled", property(lambda self: True))  # without compiling for real
+    assert tiny_command("train", "lesson-batchnorm", tmp_path / "run", words_file) == 0
+    assert "compiling" not in capsys.readouterr().err  # --quiet: no notices
+    assert main(["train", "--preset", "lesson-batchnorm", "--data", str(words_file), "--out", str(tmp_path / "b"),
+                 "--set", "steps=20", "--set", "n_hidden=16"]) == 0
+    assert "compiling the training steps with torch.compile (first run only, ~30 s" in capsys.readouterr().err
+
+
+def test_greedy_sampling_prints_the_most_likely_word(trained_run, capsys):
+    assert main(["sample", str(trained_run), "--greedy"]) == 0
+    word = capsys.readouterr().out.split("\n\n")[0]
+    assert main(["sample", str(trained_run), "--top-k", "1", "-n", "1"]) == 0  # top-1 sampling is greedy too
+    assert capsys.readouterr().out.split("\n\n")[0] == word

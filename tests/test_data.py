@@ -88,3 +88,10 @@ def test_malformed_vocab_json_is_rejected():
         Vocab.from_json('{"chars": []}')
     with pytest.raises(DataError, match="boundary"):
         Vocab.from_json('{"itos": ["a", "b"]}')
+
+
+def test_a_byte_order_mark_is_not_a_character(tmp_path):
+    path = tmp_path / "bom.txt"
+    path.write_bytes("\ufeffemma\nbob\n".encode())  # as Notepad writes UTF-8
+    assert load_words(path) == ["emma", "bob"]
+    assert "\ufeff" not in Vocab.from_words(load_words(path)).itos

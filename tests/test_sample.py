@@ -75,3 +75,38 @@ def test_diversity_by_hand():
     assert result.share_novel == 3 / 4  # ann, ann, eve
     assert result.mean_length == 3.0
     assert result.mean_entropy == 1.5
+
+
+def test_greedy_decoding_takes_the_argmax_whatever_the_temperature():
+    model, vocab = _model_and_vocab()
+    context, expected = [0, 0, 0], []
+    with torch.no_grad():
+        for _ in range(50):  # an independent greedy loop, one character at a time
+            token = int(model(torch.tensor([context])).argmax())
+            if token == 0:
+                break
+            expected.append(token)
+            context = context[1:] + [token]
+    for temperature in (0.5, 1.0, 3.0):
+        assert sample_words(model, vocab, 2, temperature=temperature, greedy=True).words == [vocab.decode(expected)] * 2
+
+
+def test_many_words_are_drawn_in_chunks_from_one_generator(monkeypatch):
+    from normlab import sample
+
+    model, vocab = _model_and_vocab()
+    monkeypatch.setattr(sample, "CHUNK", 4)
+    eleven = sample_words(model, vocab, 11, seed=3).words
+    assert len(eleven) == 11 and eleven[:8] == sample_words(model, vocab, 8, seed=3).words
+    with pytest.raises(ConfigError, match="between 1 and 1,000,000"):
+        sample_words(model, vocab, 1_000_001)
+
+
+def test_a_model_with_non_finite_outputs_cannot_be_sampled():
+    from normlab.errors import NonFiniteError
+
+    model, vocab = _model_and_vocab()
+    with torch.no_grad():
+        model.layers[-1].bias.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        sample_words(model, vocab, 3)

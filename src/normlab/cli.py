@@ -1,4 +1,9 @@
-"""The `normlab` command: parses arguments, calls the library, prints. User errors print one line, exit 2."""
+"""The `normlab` command: parses arguments (`normlab.cli_parser`), calls the library, prints. User errors print
+one line, `normlab: error: ...`, and exit with code 2; warnings print one line each, `normlab: warning: ...`.
+
+The library (torch with it) is imported only by the handler that needs it, so that `normlab --help` and
+`normlab --version` answer at once.
+"""
 
 from __future__ import annotations
 
@@ -6,42 +11,65 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from normlab.errors import NormlabError
+from normlab.cli_parser import DEFAULT_PRESET, UsageError, build_parser, command_of
+from normlab.errors import ConfigError, NormlabError
 
 if TYPE_CHECKING:
     from normlab.config import RunConfig
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-
-
-def _add_config_arguments(parser: argparse.ArgumentParser, what: str) -> None:
-    """The arguments every command that builds a configuration shares: --set, --data, --split-seed."""
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help=f"override a config value{what}, e.g. --set n_hidden=300 --set train.lr=0.05 "
-                             "(repeatable; `normlab presets -v` lists the keys)")
-    parser.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
-    parser.add_argument("--split-seed", type=int,
-                        help="seed of the 80/10/10 split of the words (default 42: the lesson's split)")
+DEFAULT_EVERY = 100
 
 
 def _config(preset: str, args: argparse.Namespace) -> RunConfig:
-    """The preset's config with `--set`, `--data` and `--split-seed` applied."""
+    """The preset's config with `--set`, `--data` and `--split-seed` applied; every setting must take effect."""
     from normlab.config import config_for_preset
+    from normlab.runs.preflight import canonical_key, check_settings_take_effect
 
     config = config_for_preset(preset, args.set or [])
-    config.data.path = args.data
+    keys = [canonical_key(item) for item in args.set or []]
+    for flag, value, key in (("--data", args.data, "data.path"), ("--split-seed", args.split_seed, "data.split_seed")):
+        if value is not None and key in keys:
+            raise ConfigError(f"{flag} and --set {key} both set it: give one")
+    if args.data is not None:
+        config.data.path = args.data
     if args.split_seed is not None:
         config.data.split_seed = args.split_seed
+    check_settings_take_effect(config, keys)
     return config
 
 
+def _notice(line: str) -> None:
+    print(f"normlab: {line}", file=sys.stderr, flush=True)
+
+
+def _resume_steps(items: list[str]) -> int | None:
+    """The new number of steps of `train --resume --set steps=N`; any other --set is refused."""
+    from normlab.config import RunConfig, apply_override
+    from normlab.runs.preflight import canonical_key
+
+    steps = None
+    for item in items:
+        scratch = RunConfig()
+        apply_override(scratch, item)
+        if canonical_key(item) != "train.steps":
+            raise ConfigError(f"--resume continues a run with its saved config: only --set steps=N (to train it "
+                              f"further) may change, not {item.split('=')[0]}")
+        steps = scratch.train.steps
+    return steps
+
+
 def _train_config(args: argparse.Namespace) -> RunConfig:
-    config = _config(args.preset or "lesson-batchnorm", args)
+    """The configuration of a new run: the preset with the command line's settings and --device."""
+    config = _config(args.preset or DEFAULT_PRESET, args)
     if args.device:
+        if any(item.split("=")[0].strip() in ("device", "train.device") for item in args.set or []):
+            raise ConfigError("--device and --set device both set it: give one")
         config.train.device = args.device
     return config
 
@@ -49,9 +77,6 @@ def _train_config(args: argparse.Namespace) -> RunConfig:
 def _train(args: argparse.Namespace) -> int:
     from normlab.runs import launch, ranks
 
-    if args.resume and (args.preset or args.set or args.data or args.split_seed is not None):
-        raise NormlabError("--resume continues a run with its saved config: drop --preset, --set, --data and "
-                           "--split-seed")
     if args.nproc is not None and not ranks.launched():  # this process launches; the workers train
         return launch.launch_training(args.argv, args.nproc, args.out, None if args.resume else _train_config(args))
     with ranks.as_rank(args.nproc):  # one rank of `--nproc`/torchrun workers (only rank 0 prints), or alone
@@ -62,11 +87,18 @@ def _train_here(args: argparse.Namespace) -> int:
     from normlab.runs import commands
     from normlab.training import Interrupted
 
-    options = dict(diagnose=args.diagnose, every=args.every, calibrate=args.calibrate, progress=not args.quiet,
-                   threads=args.threads)
+    if args.every is not None and not args.diagnose:
+        raise ConfigError("--every is the number of steps between diagnostic recordings: add --diagnose, or drop "
+                          "--every")
+    every = DEFAULT_EVERY if args.every is None else args.every
+    options = dict(diagnose=args.diagnose, every=every, calibrate=args.calibrate, progress=not args.quiet,
+                   threads=args.threads, notice=_notice)
     try:
         if args.resume:
-            outcome = commands.resume_training(args.out, **options)
+            if args.preset or args.data or args.split_seed is not None or args.device:
+                raise ConfigError("--resume continues a run with its saved config: drop --preset, --data, "
+                                  "--split-seed and --device")
+            outcome = commands.resume_training(args.out, steps=_resume_steps(args.set or []), **options)
         else:
             outcome = commands.start_training(_train_config(args), args.out, **options)
     except Interrupted as stop:
@@ -74,9 +106,7 @@ def _train_here(args: argparse.Namespace) -> int:
               f"`normlab train --resume --out {args.out}`", file=sys.stderr)
         return EXIT_INTERRUPTED
     if outcome.calibration:
-        calibration = outcome.calibration
-        print(f"calibrated {calibration['layers']} BatchNorm layer(s): val loss {calibration['val_before']:.4f} "
-              f"(running statistics) -> {calibration['val_after']:.4f} (population statistics)")
+        _print_calibration(outcome.calibration, "")
     final = outcome.final
     print(f"final loss  train {final['train']:.4f}  val {final['val']:.4f}  test {final['test']:.4f}")
     print(f"run directory: {outcome.run.path}")
@@ -85,9 +115,19 @@ def _train_here(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_calibration(result: dict[str, Any], where: str) -> None:
+    before = ("running statistics" if result["before"] == "running"
+              else "population statistics of an earlier calibration")
+    print(f"calibrated {result['layers']} BatchNorm layer(s){where}: val loss {result['val_before']:.4f} ({before}) "
+          f"-> {result['val_after']:.4f} (population statistics)")
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from normlab.sweeps.grid import parse_variations, train_grid
 
+    if args.every is not None and not args.diagnose:
+        raise ConfigError("--every is the number of steps between diagnostic recordings: add --diagnose, or drop "
+                          "--every")
     config = _config(args.preset, args)
     runs = train_grid(config, parse_variations(args.vary), args.out, diagnose=args.diagnose, every=args.every,
                       progress=not args.quiet, backend=ray_backend(args.ray))
@@ -97,7 +137,8 @@ def _sweep(args: argparse.Namespace) -> int:
         status = f"  diverged at step {run.diverged_at}" if run.diverged_at is not None else ""
         print(f"{run.name:{width}}  {run.final['train']:7.4f}  {run.final['val']:7.4f}  {run.final['test']:7.4f}"
               f"{status}")
-    print(f"{len(runs)} run directories in {args.out}")
+    print(f"{len(runs)} run directories in {args.out}; summary.csv and summary.json there "
+          f"(`normlab report {args.out}` compares them on one page)")
     return 0
 
 
@@ -110,17 +151,18 @@ def ray_backend(address: str | None) -> object | None:
     return RayBackend(address or None)
 
 
-def add_ray_argument(parser: argparse.ArgumentParser) -> None:
-    """`--ray [ADDRESS]`, for every command that runs sweeps."""
-    parser.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
-                        help="train the lockstep groups as Ray tasks: on a local Ray instance, or on the cluster at "
-                             "ADDRESS (e.g. auto, ray://host:10001); needs pip install 'normlab[ray]'")
-
-
 def _sample(args: argparse.Namespace) -> int:
     from normlab.runs.commands import sample_run
 
-    samples, stats = sample_run(args.run, args.n, temperature=args.temperature, top_k=args.top_k, seed=args.seed)
+    if args.greedy:
+        given = [flag for flag, value in (("-n", args.n), ("--temperature", args.temperature),
+                                          ("--top-k", args.top_k), ("--seed", args.seed)) if value is not None]
+        if given:
+            raise ConfigError(f"--greedy takes the most likely character every time, so it gives one word whatever "
+                              f"the {', '.join(given)}: drop them")
+    temperature = 1.0 if args.temperature is None else args.temperature
+    samples, stats = sample_run(args.run, 1 if args.greedy else 20 if args.n is None else args.n,
+                                temperature=temperature, top_k=args.top_k, seed=args.seed or 0, greedy=args.greedy)
     print("\n".join(samples.words))
     print()
     print("\n".join(stats.lines()))
@@ -130,8 +172,11 @@ def _sample(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from normlab.runs.commands import evaluate_run
 
-    loss, count = evaluate_run(args.run, args.split, data=args.data)
-    where = args.data if args.data else f"{args.split} split"
+    if args.data is not None and args.split is not None:
+        raise ConfigError("--data evaluates on every word of that file, --split on a split of the run's words: "
+                          "give one")
+    loss, count = evaluate_run(args.run, args.split or "val", data=args.data)
+    where = args.data if args.data else f"{args.split or 'val'} split"
     print(f"{where}: loss {loss:.4f} over {count} examples")
     return 0
 
@@ -139,9 +184,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     from normlab.runs.commands import calibrate_run
 
-    result = calibrate_run(args.run)
-    print(f"calibrated {result['layers']} BatchNorm layer(s) on the training split: val loss "
-          f"{result['val_before']:.4f} (running statistics) -> {result['val_after']:.4f} (population statistics)")
+    _print_calibration(calibrate_run(args.run), " on the training split")
     return 0
 
 
@@ -154,8 +197,8 @@ def _presets(args: argparse.Namespace) -> int:
         print(f"{name}: {preset.description}")
         if args.verbose:
             config = config_for_preset(name)
-            print(json.dumps({"model": dataclasses.asdict(config.model),
-                              "train": dataclasses.asdict(config.train)}, indent=2))
+            print(json.dumps({"model": dataclasses.asdict(config.model), "train": dataclasses.asdict(config.train),
+                              "data": dataclasses.asdict(config.data)}, indent=2))
     return 0
 
 
@@ -165,6 +208,17 @@ def _report(args: argparse.Namespace) -> int:
     print(f"report: {write_report(args.run, tensorboard=args.tensorboard)}")
     if args.tensorboard:
         print(f"tensorboard: tensorboard --logdir {args.run}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from normlab.runs.commands import export_run
+
+    exported = export_run(args.run, args.out, fold=args.fold, force=args.force)
+    folded = (f"; folded {len(exported.folded)} batch norm(s) into the Linear before them: "
+              f"{', '.join(exported.folded)}" if exported.folded else "; nothing folded" if args.fold else "")
+    calibrated = " (BatchNorm-calibrated)" if exported.calibrated else ""
+    print(f"wrote {exported.path}: the weights of step {exported.step}{calibrated}{folded}")
     return 0
 
 
@@ -184,87 +238,43 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of every subcommand."""
-    parser = argparse.ArgumentParser(prog="normlab", description="Activations, gradients and BatchNorm: a lab.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": _train, "sweep": _sweep, "sample": _sample, "eval": _eval, "calibrate": _calibrate, "export": _export,
+    "presets": _presets, "report": _report, "inspect": _inspect}
 
-    train = commands.add_parser("train", help="train a preset on a words file into a run directory")
-    train.add_argument("--preset", help="a preset from `normlab presets` (default lesson-batchnorm)")
-    _add_config_arguments(train, "")
-    train.add_argument("--out", required=True, help="run directory to create (or continue with --resume)")
-    train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    train.add_argument("--calibrate", action="store_true", help="recompute BatchNorm statistics at the end")
-    train.add_argument("--diagnose", action="store_true", help="record diagnostics and write report.html")
-    train.add_argument("--every", type=int, default=100, help="steps between diagnostic recordings")
-    train.add_argument("--device", help="cpu or cuda (overrides train.device)")
-    train.add_argument("--threads", type=int, help="torch threads (default: 1 for lesson-sized models, else torch's)")
-    train.add_argument("--nproc", type=int, help="train on N local processes with DistributedDataParallel, "
-                       "launched by torch's elastic launcher (as torchrun --nproc_per_node N); batch_size must be "
-                       "divisible by N")
-    train.add_argument("--quiet", action="store_true", help="no progress bar")
-    train.set_defaults(handler=_train)
 
-    sweep = commands.add_parser("sweep", help="train a grid of configurations at once, a run directory each")
-    sweep.add_argument("--preset", default="lesson-batchnorm")
-    _add_config_arguments(sweep, " for all runs")
-    sweep.add_argument("--vary", action="append", required=True, metavar="KEY=V1,V2,...",
-                       help="values to try, e.g. --vary lr=0.05,0.1 --vary seed=1,2,3 (every combination)")
-    sweep.add_argument("--out", required=True, help="folder to create, one run directory per configuration")
-    sweep.add_argument("--diagnose", action="store_true", help="record diagnostics and write each run's report")
-    sweep.add_argument("--every", type=int, help="steps between diagnostic recordings (default: ten a run)")
-    sweep.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_ray_argument(sweep)
-    sweep.set_defaults(handler=_sweep)
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+    """Warnings as one line each (the library's say what to do; others are prefixed with their kind)."""
+    from normlab.errors import NormlabWarning
 
-    sample = commands.add_parser("sample", help="sample words from a run")
-    sample.add_argument("run")
-    sample.add_argument("-n", type=int, default=20, help="number of words")
-    sample.add_argument("--temperature", type=float, default=1.0, help="> 0; below 1 sharpens, above 1 flattens")
-    sample.add_argument("--top-k", type=int, default=None, help="sample among the k most likely characters")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.set_defaults(handler=_sample)
+    kind = "" if issubclass(category, NormlabWarning) else f"{category.__name__}: "
+    print(f"normlab: warning: {kind}{str(message).splitlines()[0] if str(message) else ''}", file=sys.stderr)
 
-    evaluate = commands.add_parser("eval", help="loss of a run on a split (or another words file)")
-    evaluate.add_argument("run")
-    evaluate.add_argument("--split", choices=("train", "val", "test"), default="val")
-    evaluate.add_argument("--data", help="evaluate on every word of this file instead of a split")
-    evaluate.set_defaults(handler=_eval)
 
-    calibrate = commands.add_parser("calibrate", help="set BatchNorm statistics to the training split's")
-    calibrate.add_argument("run")
-    calibrate.set_defaults(handler=_calibrate)
-
-    presets = commands.add_parser("presets", help="list the presets")
-    presets.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
-    presets.set_defaults(handler=_presets)
-
-    report = commands.add_parser("report", help="rebuild report.html of a run from its stored diagnostics")
-    report.add_argument("run")
-    report.add_argument("--tensorboard", action="store_true", help="also export to RUN/tensorboard/")
-    report.set_defaults(handler=_report)
-
-    inspect = commands.add_parser("inspect", help="one forward and backward pass of a preset at initialisation")
-    inspect.add_argument("--preset", default="lesson-batchnorm")
-    _add_config_arguments(inspect, "")
-    inspect.add_argument("--batch", type=int, default=256, help="examples in the batch")
-    inspect.set_defaults(handler=_inspect)
-
-    from normlab.lab.cli import add_lab_commands
-
-    add_lab_commands(commands)
-    return parser
+def _out_of_memory(error: BaseException) -> bool:
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for `train --nproc`, which reruns it per process
-    handler: Callable[[argparse.Namespace], int] = args.handler
+    """Entry point of the console script and of `python -m normlab`; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return handler(args)
-    except NormlabError as error:
-        print(f"normlab: error: {error}", file=sys.stderr)
+        args = build_parser(command_of(argv)).parse_args(argv)
+        args.argv = argv  # for `train --nproc`, which runs the same command in every process
+        handler: Callable[[argparse.Namespace], int] = getattr(args, "handler", None) or HANDLERS[args.command]
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return handler(args)
+    except (NormlabError, UsageError) as error:
+        print(f"normlab: error: {str(error).splitlines()[0] if str(error) else type(error).__name__}",
+              file=sys.stderr)
+        return EXIT_USER_ERROR
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        print("normlab: error: out of memory: make the model or the batch smaller (model.n_hidden, model.n_layers, "
+              "train.batch_size)", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("normlab: interrupted", file=sys.stderr)

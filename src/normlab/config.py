@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,12 @@ ACTIVATIONS = ("tanh", "relu")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("step", "cosine", "constant")
 ENGINES = ("auto", "reference", "stacked", "ddp")
+DEVICE_PATTERN = r"cpu|cuda(:[0-9]+)?"
+# Sizes beyond these are refused before anything is built: far past what a character-level MLP needs, and small
+# enough that the model's shapes are found on torch's meta device in well under a second.
+LIMITS = {"block_size": 1024, "n_embd": 4096, "n_hidden": 16384, "n_layers": 128, "norm_groups": 16384,
+          "ghost_batch_size": 2**20, "batch_size": 2**20, "steps": 10**9, "eval_examples": 10**7}
+EVALUATIONS_PER_RUN, CHECKPOINTS_PER_RUN = 20, 4  # eval_every and checkpoint_every when not set: steps / these
 
 
 def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -32,10 +39,21 @@ def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...])
         raise ConfigError(f"{section}.{name}={value!r} is not one of {', '.join(choices)}")
 
 
+def _check_finite(section: str, config: Any) -> None:
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{section}.{item.name} must be a finite number, got {value}")
+
+
 def _check_at_least_one(section: str, config: Any, names: tuple[str, ...]) -> None:
     for name in names:
-        if getattr(config, name) < 1:
-            raise ConfigError(f"{section}.{name} must be at least 1, got {getattr(config, name)}")
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{section}.{name} must be at least 1, got {value}")
+        if value is not None and value > LIMITS.get(name, value):
+            raise ConfigError(f"{section}.{name}={value} is beyond normlab's limit of {LIMITS[name]:,}: choose a "
+                              "smaller value")
 
 
 @dataclass
@@ -80,7 +98,9 @@ class ModelConfig:
         for name, choices in (("architecture", ARCHITECTURES), ("norm", NORMS), ("activation", ACTIVATIONS),
                               ("init", INIT_SCHEMES), ("output_init", INIT_SCHEMES)):
             _check_choice("model", name, getattr(self, name), choices)
-        _check_at_least_one("model", self, ("block_size", "n_embd", "n_hidden", "n_layers", "ghost_batch_size"))
+        _check_finite("model", self)
+        _check_at_least_one("model", self, ("block_size", "n_embd", "n_hidden", "n_layers", "norm_groups",
+                                            "ghost_batch_size"))
         if not (self.renorm_r_max >= 1.0 and self.renorm_d_max >= 0.0 and math.isfinite(self.renorm_r_max)
                 and math.isfinite(self.renorm_d_max)):
             raise ConfigError(f"model.renorm_r_max must be at least 1 and model.renorm_d_max at least 0, got "
@@ -118,9 +138,9 @@ class TrainConfig:
     beta2: float = 0.999
     grad_clip: float | None = None  # max global gradient norm
     seed: int = 2147483647  # initial weights and batches (the lesson's generator seed)
-    eval_every: int = 10_000  # steps between train/val losses on fixed subsets
+    eval_every: int | None = None  # steps between train/val losses on fixed subsets; None: steps / 20
     eval_examples: int = 10_000  # size of those subsets
-    checkpoint_every: int = 50_000
+    checkpoint_every: int | None = None  # None: steps / 4 (the lesson's 10,000 and 50,000 at 200,000 steps)
     device: str = "cpu"
     engine: str = "auto"  # auto | reference | stacked | ddp: how steps are computed (normlab.training.engines)
     compile: bool | None = None  # torch.compile the stacked engine's steps; None: when the run is long enough
@@ -130,6 +150,7 @@ class TrainConfig:
         _check_choice("train", "optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("train", "schedule", self.schedule, SCHEDULES)
         _check_choice("train", "engine", self.engine, ENGINES)
+        _check_finite("train", self)
         _check_at_least_one("train", self, ("steps", "batch_size", "eval_every", "eval_examples", "checkpoint_every"))
         if not self.lr > 0 or not math.isfinite(self.lr):
             raise ConfigError(f"train.lr must be a positive number, got {self.lr}")
@@ -137,6 +158,18 @@ class TrainConfig:
             raise ConfigError(f"train.grad_clip must be positive (or null for none), got {self.grad_clip}")
         if self.warmup_steps < 0:
             raise ConfigError(f"train.warmup_steps must be 0 or more, got {self.warmup_steps}")
+        for name, low, high in (("momentum", 0, 1), ("min_lr_factor", 0, 1), ("lr_decay_factor", 0, math.inf),
+                                ("weight_decay", 0, math.inf), ("seed", 0, 2**63 - 1)):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(f"train.{name} must be between {low} and {high}, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"train.beta1 and train.beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.lr_decay_step is not None and self.lr_decay_step < 0:
+            raise ConfigError(f"train.lr_decay_step must be 0 or more (or null for half of steps), got "
+                              f"{self.lr_decay_step}")
+        if not re.fullmatch(DEVICE_PATTERN, self.device):
+            raise ConfigError(f"train.device={self.device!r} is not a device normlab trains on: use cpu, cuda or "
+                              "cuda:N")
         if self.device.startswith("cuda"):
             import torch
 
@@ -147,6 +180,16 @@ class TrainConfig:
     def decay_step(self) -> int:
         """The step at which the step schedule lowers the learning rate."""
         return self.steps // 2 if self.lr_decay_step is None else self.lr_decay_step
+
+    def resolved(self) -> TrainConfig:
+        """A copy whose intervals left unset (None) are filled in from `steps`: `eval_every` = steps / 20 and
+        `checkpoint_every` = steps / 4, at least 1 (10,000 and 50,000 for the lesson's 200,000 steps). The
+        training loop takes resolved configs; `config.json` keeps what the user set."""
+        return dataclasses.replace(
+            self,
+            eval_every=max(1, self.steps // EVALUATIONS_PER_RUN) if self.eval_every is None else self.eval_every,
+            checkpoint_every=(max(1, self.steps // CHECKPOINTS_PER_RUN) if self.checkpoint_every is None
+                              else self.checkpoint_every))
 
 
 @dataclass

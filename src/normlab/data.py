@@ -30,7 +30,8 @@ def bundled_path(name: str = BUNDLED_NAMES) -> Path:
 def load_words(path: str | Path | None = None) -> list[str]:
     """Read one word per line from a UTF-8 file (the bundled names when `path` is None).
 
-    Surrounding whitespace is stripped and blank lines are skipped. Raises `DataError` for a missing, empty or
+    A byte-order mark at the start (as some editors write) is dropped; surrounding whitespace is stripped and
+    blank lines are skipped. Raises `DataError` for a missing, empty or
     undecodable file, for a file with no words, and for words that contain the boundary token `.`.
     """
     path = bundled_path() if path is None else Path(path)
@@ -46,6 +47,7 @@ def load_words(path: str | Path | None = None) -> list[str]:
         line = raw[: error.start].count(b"\n") + 1
         raise DataError(f"words file {str(path)!r} is not valid UTF-8 (line {line}, byte {error.start}): "
                         "save it as UTF-8") from None
+    text = text.removeprefix("\ufeff")
     words, bad_lines = [], []
     for number, line in enumerate(text.splitlines(), start=1):
         word = line.strip()

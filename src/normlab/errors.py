@@ -23,3 +23,12 @@ class TrainingDiverged(NormlabError):
     def __init__(self, message: str, step: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+
+
+class NonFiniteError(NormlabError, ValueError):
+    """A model produced NaN or Inf where a number is needed (e.g. the probabilities to sample from)."""
+
+
+class NormlabWarning(UserWarning):
+    """Something the user should know while the command goes on (e.g. a words file changed since training);
+    the CLI prints it as one line `normlab: warning: ...`."""

@@ -49,3 +49,15 @@ def test_a_bad_experiment_name_is_one_clear_error_and_writes_nothing(tmp_path, c
     error = capsys.readouterr().err
     assert error.startswith("normlab: error: unknown experiment 'nope'") and error.count("\n") == 1
     assert not (tmp_path / "lab").exists()
+
+
+def test_lab_output_has_the_usual_permissions_and_one_verdict_line(tmp_path, monkeypatch, capsys, words_file):
+    import os
+
+    monkeypatch.setitem(softmax_init.SETTINGS, "quick", softmax_init.SETTINGS["tiny"])
+    assert main(["lab", "run", "softmax-init", "--quick", "--out", str(tmp_path), "--data", str(words_file)]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out + captured.err).count("softmax-init: HOLDS") == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "softmax-init").stat().st_mode & 0o777 == 0o777 & ~umask

@@ -45,7 +45,7 @@ def _launch(words: Path, out: Path, tmp_path: Path) -> tuple[subprocess.Popen, P
 
 def _wait_for_checkpoint(out: Path, process: subprocess.Popen) -> None:
     deadline = time.monotonic() + BOUND_S
-    while not (out / "model.safetensors").exists():
+    while not (out / "checkpoint.json").exists():
         assert process.poll() is None and time.monotonic() < deadline, "the workers never reached a checkpoint"
         time.sleep(0.2)
 

@@ -41,10 +41,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+LAB_HELP = "measure, check and draw the lesson's claims (`lab list`, `lab run`)"
+
+
 def add_lab_commands(subparsers: Any) -> argparse.ArgumentParser:
     """Add `lab list` and `lab run` to `subparsers` (from `ArgumentParser.add_subparsers`); returns the `lab`
     parser. Handlers are set as the `handler` default, each taking the parsed namespace and returning an exit code."""
-    lab = subparsers.add_parser("lab", help="measure, check and draw the lesson's claims (`lab list`, `lab run`)")
+    lab = subparsers.add_parser("lab", help=LAB_HELP)
+    add_lab_arguments(lab)
+    return lab
+
+
+def add_lab_arguments(lab: argparse.ArgumentParser) -> None:
+    """Add the `list` and `run` subcommands to the `lab` parser (the main CLI adds them only when `lab` is the
+    command, so that `normlab --help` imports nothing of the lab)."""
     commands = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
 
     listing = commands.add_parser("list", help="the experiments, their budgets (and with -v their claims)")
@@ -54,12 +64,11 @@ def add_lab_commands(subparsers: Any) -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run one experiment (or all) and write its result, figures and summary")
     run.add_argument("name", help="an experiment from `normlab lab list`, or all (also writes index.html)")
     run.add_argument("--quick", action="store_true", help="small budgets: under a minute per experiment")
-    run.add_argument("--out", default="lab", help="output folder, one subfolder per experiment (default: lab)")
+    run.add_argument("--out", default="lab", help="output folder, one subfolder per experiment")
     run.add_argument("--data", help="UTF-8 file, one word per line (default: the bundled names)")
     run.add_argument("--force", action="store_true", help="replace existing results in --out")
     run.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
-    from normlab.cli import add_ray_argument
+    from normlab.cli_parser import add_ray_argument
 
     add_ray_argument(run)
     run.set_defaults(handler=_run)
-    return lab

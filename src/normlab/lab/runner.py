@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from normlab.errors import ConfigError
-from normlab.files import atomic_write
+from normlab.files import atomic_write, usual_permissions
 from normlab.lab.common import MODES, Check, Experiment, LabData
 from normlab.lab.registry import EXPERIMENTS, get_experiment
 from normlab.sweeps.runner import use_backend
@@ -83,7 +83,11 @@ def run_experiments(names: Sequence[str], *, mode: str = "full", out: str | Path
                               "them, or choose another --out")
     if not isinstance(data, LabData):
         data = LabData.load(data)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"cannot create --out {str(out)!r} ({error.strerror or error}): choose another folder"
+                          ) from None
     with torch_threads(1), use_backend(backend):  # lesson-sized work: a second thread costs much on a busy machine
         results = [_run_one(experiment, mode, out, data, progress, log) for experiment in experiments]
     if index:
@@ -110,6 +114,7 @@ def _run_one(experiment: Experiment, mode: str, out: Path, data: LabData, progre
     target = out / experiment.name
     scratch = Path(tempfile.mkdtemp(dir=out, prefix=f".{experiment.name}.new-"))
     try:
+        usual_permissions(scratch)  # mkdtemp's 0700 would stay with the folder once it is swapped in
         for stem, figure in figures.items():
             buffer = io.BytesIO()
             figure.savefig(buffer, format="png")
@@ -128,8 +133,8 @@ def _run_one(experiment: Experiment, mode: str, out: Path, data: LabData, progre
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    if log is not None:
-        log(f"{experiment.name}: {verdict.text} ({seconds:.1f} s) -> {target}")
+    if log is not None:  # the verdict is the caller's to print, once
+        log(f"{experiment.name} done ({seconds:.1f} s)")
     return LabResult(experiment.name, experiment.title, experiment.claim, verdict.text, list(verdict.checks), target,
                      [target / name for name in names], seconds)
 

@@ -1,26 +1,35 @@
-"""What the commands do, as functions on run directories: train, resume, evaluate, calibrate, sample, report.
+"""What the commands do, as functions on run directories: train, resume (and extend), evaluate, calibrate, sample,
+report, export, inspect.
 
 The CLI parses arguments, calls one of these and prints what it returns; everything here works from Python.
+Everything that can be checked is checked before a run directory is created or changed (see `preflight`); the
+commands that write a run (train, resume, calibrate) hold its lock while they do. In a distributed run
+(`normlab.runs.ranks`), rank 0 alone creates, locks and writes the run directory; the other ranks read it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from normlab.config import RunConfig
+from normlab.config import BATCH_NORMS, RunConfig
 from normlab.data import Splits, Vocab, build_dataset, bundled_path, file_sha256, load_words, make_splits, random_batch
-from normlab.errors import CheckpointError, DataError, TrainingDiverged
+from normlab.errors import CheckpointError, ConfigError, DataError, NormlabError, NormlabWarning, TrainingDiverged
 from normlab.model import build_model
-from normlab.runs import ranks
-from normlab.runs.rundir import DIAGNOSTICS, RunDir, read_metrics
+from normlab.runs import preflight, ranks
+from normlab.runs.rundir import RunDir
 from normlab.sample import Diversity, Samples, diversity, sample_words
 from normlab.training import LoopEvents, calibrate_batchnorm, choose_engine, create_engine, evaluate, train_loop
 from normlab.training.threads import threads_for, torch_threads, work_per_step
+
+COMPILING = "compiling the training steps with torch.compile (first run only, ~30 s; cached on disk afterwards)"
 
 
 def load_data(config: RunConfig, vocab: Vocab | None = None) -> tuple[Vocab, Splits]:
@@ -36,12 +45,30 @@ def load_data(config: RunConfig, vocab: Vocab | None = None) -> tuple[Vocab, Spl
 
 def load_new_run_data(config: RunConfig) -> tuple[Vocab, Splits]:
     """`load_data` for a run about to be created: `config.data` then records the words file by its full path
-    and its sha256, which resuming checks."""
+    and its sha256, which later commands check."""
     if config.data.path is not None:
         config.data.path = str(Path(config.data.path).resolve())
     vocab, splits = load_data(config)  # a clear DataError for a missing or bad file, before it is hashed
     config.data.sha256 = file_sha256(config.data.path or bundled_path())
     return vocab, splits
+
+
+def check_words_file(run: RunDir, *, strict: bool) -> None:
+    """Compare the run's words file with the sha256 recorded at its creation. A difference is a `DataError`
+    with `strict` (resuming must see the same data), else a `NormlabWarning` naming the file (eval, sample
+    and calibrate go on, on what the file holds now)."""
+    data = run.config.data
+    path = Path(data.path) if data.path else bundled_path()
+    if not path.is_file():
+        if strict:
+            raise DataError(f"the run's words file {path} no longer exists: restore it to resume {run.path}")
+        return  # reading it fails with its own clear error
+    if data.sha256 and file_sha256(path) != data.sha256:
+        message = f"the words file {path} changed since {run.path} was created (its sha256 differs)"
+        if strict:
+            raise DataError(f"{message}: restore the original file to resume this run, or start a new run")
+        warnings.warn(f"{message}: the splits, and so these numbers, are not those of training", NormlabWarning,
+                      stacklevel=3)
 
 
 @dataclass
@@ -51,7 +78,7 @@ class TrainOutcome:
     run: RunDir
     final: dict[str, float]
     engine: str
-    calibration: dict[str, float] | None = None
+    calibration: dict[str, Any] | None = None
     report: Path | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -59,62 +86,121 @@ class TrainOutcome:
 @dataclass
 class TrainOptions:
     """How to train, beside the run's config: diagnostics every `every` steps, BatchNorm calibration at the end,
-    a progress bar, and torch threads (None: one for lesson-sized work, see `normlab.training.threads`)."""
+    a progress bar, torch threads (None: one for lesson-sized work, see `normlab.training.threads`), and
+    `notice`, called with a line for the user before training starts (the engine that records diagnostics,
+    a compilation about to take a while)."""
 
     diagnose: bool = False
     every: int = 100
     calibrate: bool = False
     progress: bool = True
     threads: int | None = None
+    notice: Callable[[str], None] | None = None
+
+    def validate(self) -> None:
+        """`ConfigError` for a value that cannot work."""
+        if self.every < 1:
+            raise ConfigError(f"--every must be at least 1 (steps between diagnostic recordings), got {self.every}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+
+
+def has_batchnorm(config: RunConfig) -> bool:
+    """Whether the model of `config` has a batch norm with running statistics (what `calibrate` recomputes)."""
+    return config.model.norm in BATCH_NORMS or config.model.output_norm
+
+
+def _check_before_training(config: RunConfig, splits: Splits, vocab: Vocab, options: TrainOptions) -> None:
+    preflight.check_trainable(config, splits)
+    preflight.check_memory(config, len(vocab))
+    if options.calibrate and not has_batchnorm(config):
+        raise ConfigError(f"--calibrate recomputes BatchNorm statistics, and this model has none "
+                          f"(model.norm={config.model.norm}): drop --calibrate")
 
 
 def start_training(config: RunConfig, out: str | Path, **options: Any) -> TrainOutcome:
     """Create the run directory `out` for `config`, train, and write the final losses (and report). `options`:
-    the fields of `TrainOptions`."""
+    the fields of `TrainOptions`. Everything is checked before `out` is created; if training fails before its
+    first checkpoint for any reason but a user error, `out` is left as it was found."""
     options_ = TrainOptions(**options)
+    options_.validate()
     config.validate()
     choose_engine(config.model, config.train)  # a ConfigError before anything is written
     vocab, splits = load_new_run_data(config)
-    run = ranks.on_main(lambda: RunDir.create(out, config, vocab), lambda: RunDir(Path(out), config, vocab))
-    return _train_and_finish(run, splits, None, 0, options_)
+    _check_before_training(config, splits, vocab, options_)
+    with ranks.on_main(lambda: RunDir.create(out, config, vocab), lambda: RunDir(Path(out), config, vocab)) as run:
+        try:
+            return _train_and_finish(run, splits, None, 0, options_)
+        except Exception as error:
+            if not isinstance(error, NormlabError) and ranks.is_main() and run.checkpoint() is None:
+                run.discard_new()
+            raise
 
 
-def resume_training(out: str | Path, **options: Any) -> TrainOutcome:
-    """Continue the run in `out` from its last checkpoint to the configured number of steps. `options`: the
-    fields of `TrainOptions`."""
+def resume_training(out: str | Path, *, steps: int | None = None, **options: Any) -> TrainOutcome:
+    """Continue the run in `out` from its checkpoint to the configured number of steps, ending with exactly the
+    weights an uninterrupted run would have. `steps` (more than the checkpoint's) changes the number of steps,
+    e.g. to extend a finished run (see `extend_steps`). `options`: the fields of `TrainOptions`."""
     options_ = TrainOptions(**options)
-    run = RunDir.open(out)
-    _check_same_data(run)
-    _, splits = load_data(run.config, run.vocab)
-    state, step = run.load_state()
-    if step >= run.config.train.steps:
-        raise CheckpointError(f"{run.path} already finished its {run.config.train.steps} steps; nothing to resume")
-    optimizer_state = run.load_optimizer_state(step)
-    ranks.on_main(lambda: run.keep_metrics_until(step), lambda: None)
-    return _train_and_finish(run, splits, (state, optimizer_state), step, options_)
+    options_.validate()
+    with ranks.on_main(lambda: RunDir.open(out, lock="resume"), lambda: RunDir.open(out)) as run:
+        check_words_file(run, strict=True)
+        saved, step = None, 0  # stopped before its first checkpoint: from the initial weights, a function of the seed
+        if run.checkpoint() is not None:
+            state, step = run.load_state(uncalibrated=True)  # what training left, whether calibrated since or not
+        if steps is not None:
+            extend_steps(run.config, step, steps)
+        elif step >= run.config.train.steps:
+            raise CheckpointError(f"{run.path} already finished its {run.config.train.steps} steps: to train it "
+                                  f"further, give the new total, e.g. `normlab train --resume --set "
+                                  f"steps={2 * run.config.train.steps} --out {run.path}`")
+        _, splits = load_data(run.config, run.vocab)
+        _check_before_training(run.config, splits, run.vocab, options_)
+        if step > 0:
+            saved = (state, run.load_optimizer_state(step))
+        if ranks.is_main():
+            if steps is not None:
+                run.save_config()
+            run.rewind_metrics()
+        return _train_and_finish(run, splits, saved, step, options_)
 
 
-def _check_same_data(run: RunDir) -> None:
-    data = run.config.data
-    path = Path(data.path) if data.path else bundled_path()
-    if not path.is_file():
-        raise DataError(f"the run's words file {path} no longer exists: restore it to resume {run.path}")
-    if data.sha256 and file_sha256(path) != data.sha256:
-        raise DataError(f"the words file {path} changed since {run.path} was created (sha256 differs): restore "
-                        "the original file to resume this run, or start a new run")
+def extend_steps(config: RunConfig, done: int, steps: int) -> None:
+    """Set a run's number of steps to `steps`, more than the `done` of its checkpoint (for `config.json`).
+
+    The schedule of the steps already trained is kept where it can be: the step schedule's decay step, when
+    unset (half of the steps), is fixed at half of the *original* steps, so an extended run decays once, where
+    it did. The cosine schedule's horizon becomes `steps`: the remaining steps follow the cosine of the new
+    length, so the rate rises from where the original cosine had brought it. Unset evaluation and checkpoint
+    intervals scale with the new length.
+    """
+    if steps <= done:
+        raise ConfigError(f"--set steps={steps}: the run's checkpoint is at step {done}; give more steps than that")
+    train = config.train
+    if train.schedule == "step" and train.lr_decay_step is None:
+        train.lr_decay_step = train.decay_step
+    train.steps = steps
+    config.validate()
 
 
 def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | None, start_step: int,
                       options: TrainOptions) -> TrainOutcome:
     config = run.config
-    main = ranks.is_main()  # of several processes (normlab.runs.ranks), rank 0 alone writes
-    threads = options.threads or threads_for(work_per_step([config.model], config.train.batch_size))
+    main = ranks.is_main()  # of several processes, rank 0 alone writes and reports
+    train = config.train.resolved()
+    name = choose_engine(config.model, train)
+    threads = options.threads or threads_for(work_per_step([config.model], train.batch_size))
     with torch_threads(threads):
-        engine = create_engine([config.model], [config.train], len(run.vocab), splits.train,
+        engine = create_engine([config.model], [train], len(run.vocab), splits.train,
                                states=None if saved is None else [saved[0]],
                                optimizer_states=None if saved is None else [saved[1]], step=start_step)
         if options.diagnose:
             engine.attach_monitors(options.every)
+            _notify(options, f"recording diagnostics every {options.every} steps on the {name} engine"
+                    + (" (each recording step runs on a reference copy of the model under the monitor: slower "
+                       "than training alone)" if name == "stacked" else ""))
+        if options.progress and getattr(engine, "compiled", False):
+            _notify(options, COMPILING)
 
         def checkpoint(step: int) -> None:
             if main:
@@ -124,15 +210,15 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
 
         events = LoopEvents(log=(lambda _, row: run.append_metrics(row)) if main else None, checkpoint=checkpoint)
         try:
-            diverged = train_loop(engine, [config.train], splits.train, splits.val, start_step=start_step,
-                                  events=events, progress=options.progress and main)
+            diverged = train_loop(engine, [train], splits.train, splits.val, start_step=start_step, events=events,
+                                  progress=options.progress and main)
         finally:
             engine.close()
         if diverged:
-            raise TrainingDiverged(diverged[0].message(config.train), diverged[0].step)
+            raise TrainingDiverged(diverged[0].message(train), diverged[0].step)
         model = engine.modules()[0]
-        outcome = TrainOutcome(run, final={}, engine=choose_engine(config.model, config.train))
-        if not main:  # rank 0 measures and reports
+        outcome = TrainOutcome(run, final={}, engine=name)
+        if not main:
             outcome.final = dict.fromkeys(("train", "val", "test"), math.nan)
             return outcome
         if options.calibrate:
@@ -141,6 +227,11 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
     if options.diagnose:
         outcome.report = write_report(run.path)
     return outcome
+
+
+def _notify(options: TrainOptions, line: str) -> None:
+    if options.notice is not None:
+        options.notice(line)
 
 
 def record_final_losses(run: RunDir, model: torch.nn.Module | None, splits: Splits,
@@ -156,16 +247,19 @@ def record_final_losses(run: RunDir, model: torch.nn.Module | None, splits: Spli
 
 def write_report(run_path: str | Path, *, tensorboard: bool = False) -> Path:
     """Rebuild `report.html` of a run from its stored diagnostics and metrics (and, with `tensorboard`, export
-    them to `RUN/tensorboard/` for `tensorboard --logdir RUN`)."""
-    from normlab.diagnostics import export_tensorboard, load_diagnostics
-    from normlab.diagnostics import write_report as write
+    them to `RUN/tensorboard/` for `tensorboard --logdir RUN`). For a sweep's folder (`normlab sweep --out`),
+    write its comparison page instead (`normlab.sweeps.page`)."""
+    from normlab.sweeps.summary import is_sweep_directory
 
-    run = RunDir.open(run_path)
-    if tensorboard:
-        if not (run.path / DIAGNOSTICS).is_dir():
-            raise CheckpointError(f"{run.path} has no diagnostics to export: train it with --diagnose")
-        export_tensorboard(load_diagnostics(run.path), run.path / "tensorboard", metrics_rows=read_metrics(run.path))
-    return write(run.path)
+    if is_sweep_directory(run_path):
+        if tensorboard:
+            raise ConfigError("--tensorboard exports one run: give one of the sweep's run directories")
+        from normlab.sweeps.page import write_sweep_report
+
+        return write_sweep_report(run_path)
+    from normlab.runs.report import write_run_report
+
+    return write_run_report(RunDir.open(run_path), tensorboard=tensorboard)
 
 
 @dataclass
@@ -183,7 +277,11 @@ def inspect_preset(config: RunConfig, batch_size: int = 256) -> Inspection:
     (no update) and return the per-layer table and the findings."""
     from normlab.diagnostics import find_issues, format_layer_table, inspect_model
 
+    config.validate()
+    preflight.check_batch(config, batch_size, "--batch")
     vocab, splits = load_data(config)
+    preflight.check_memory(dataclasses.replace(config, train=dataclasses.replace(config.train, batch_size=batch_size)),
+                           len(vocab))
     model = build_model(config.model, len(vocab), seed=config.train.seed)
     x, y = random_batch(splits.train, batch_size, config.train.seed)
     diagnostics = inspect_model(model, x, y)
@@ -193,28 +291,46 @@ def inspect_preset(config: RunConfig, batch_size: int = 256) -> Inspection:
                       math.log(len(vocab)))
 
 
-def _calibrate(run: RunDir, model: torch.nn.Module, splits: Splits) -> dict[str, float]:
-    before = evaluate(model, *splits.val)
+def _calibrate(run: RunDir, model: torch.nn.Module, splits: Splits, before: str = "running") -> dict[str, Any]:
+    """Calibrate `model` (training's weights) on the training split and commit it, keeping training's weights."""
+    val_before = evaluate(model, *splits.val)
     layers = calibrate_batchnorm(model, splits.train[0])
-    after = evaluate(model, *splits.val)
-    run.save_model(model.state_dict(), run.model_step(), calibrated="true")
-    result = {"layers": layers, "val_before": before, "val_after": after}
+    val_after = evaluate(model, *splits.val)
+    state = model.state_dict()
+    if not all(torch.isfinite(value).all() for value in state.values() if value.is_floating_point()):
+        raise CheckpointError(f"calibrating {run.path} gave NaN or Inf statistics (are its weights damaged?): "
+                              "nothing was written")
+    run.save_calibrated(state)
+    result = {"layers": layers, "val_before": val_before, "val_after": val_after, "before": before}
     run.append_metrics({"event": "calibrate", **result})
     return result
 
 
-def calibrate_run(run_path: str | Path) -> dict[str, float]:
-    """Recompute the population statistics of every BatchNorm of a run; val loss before and after."""
-    run = RunDir.open(run_path)
-    _, splits = load_data(run.config, run.vocab)
-    model, _ = run.load_model()
-    if not any("BatchNorm" in type(module).__name__ for module in model.modules()):
-        raise CheckpointError(f"{run.path} has no BatchNorm layer to calibrate (model.norm={run.config.model.norm})")
-    return _calibrate(run, model, splits)
+def calibrate_run(run_path: str | Path) -> dict[str, Any]:
+    """Recompute the population statistics of every BatchNorm of a finished run, from the weights training left
+    (kept as they were, beside the calibrated ones, so calibrating again gives the same result and extending
+    the run stays exact); val loss before and after. `before` says what the first loss used: "running"
+    statistics, or "earlier calibration" for an old run directory calibrated before training's weights were
+    kept."""
+    with RunDir.open(run_path, lock="calibrate") as run:
+        if not has_batchnorm(run.config):
+            raise CheckpointError(f"{run.path} has no BatchNorm layer to calibrate (model.norm="
+                                  f"{run.config.model.norm})")
+        current = run.checkpoint()
+        if current is not None and current.step < run.config.train.steps:
+            raise CheckpointError(f"{run.path} stopped at step {current.step} of {run.config.train.steps}: "
+                                  f"finish it first (`normlab train --resume --out {run.path}`), then calibrate")
+        model, _ = run.load_model(uncalibrated=True)
+        check_words_file(run, strict=False)
+        _, splits = load_data(run.config, run.vocab)
+        legacy = current is not None and current.calibrated and not current.keeps_uncalibrated
+        return _calibrate(run, model, splits, "earlier calibration" if legacy else "running")
 
 
 def evaluate_run(run_path: str | Path, split: str = "val", data: str | Path | None = None) -> tuple[float, int]:
     """Loss of a run on one of its splits, or on every word of another file; returns (loss, examples)."""
+    if split not in ("train", "val", "test"):
+        raise DataError(f"unknown split {split!r}: choose train, val or test")
     run = RunDir.open(run_path)
     model, _ = run.load_model()
     if data is not None:
@@ -222,6 +338,7 @@ def evaluate_run(run_path: str | Path, split: str = "val", data: str | Path | No
         run.vocab.check_words(words, source=str(data))
         x, y = build_dataset(words, run.vocab, run.config.model.block_size)
     else:
+        check_words_file(run, strict=False)
         _, splits = load_data(run.config, run.vocab)
         x, y = splits.get(split)
     if len(x) == 0:
@@ -230,10 +347,21 @@ def evaluate_run(run_path: str | Path, split: str = "val", data: str | Path | No
 
 
 def sample_run(run_path: str | Path, n: int = 20, *, temperature: float = 1.0, top_k: int | None = None,
-               seed: int = 0) -> tuple[Samples, Diversity]:
-    """Sample `n` words from a run and measure their diversity against its training words."""
+               seed: int = 0, greedy: bool = False) -> tuple[Samples, Diversity]:
+    """Sample `n` words from a run (with `greedy`, the most likely one) and measure their diversity against its
+    training words."""
     run = RunDir.open(run_path)
     model, _ = run.load_model()
+    check_words_file(run, strict=False)
     _, splits = load_data(run.config, run.vocab)
-    samples = sample_words(model, run.vocab, n, temperature=temperature, top_k=top_k, seed=seed)
+    samples = sample_words(model, run.vocab, n, temperature=temperature, top_k=top_k, seed=seed, greedy=greedy)
     return samples, diversity(samples, splits.train_words)
+
+
+def export_run(run_path: str | Path, out: str | Path, *, fold: bool = False, force: bool = False) -> Any:
+    """Write the run's weights for inference to the safetensors file `out` (see `normlab.runs.export`); with
+    `fold`, every eval-mode batch norm that follows a Linear is folded into it. An existing `out` is replaced
+    only with `force`. Returns the `Exported` summary."""
+    from normlab.runs.export import export_weights
+
+    return export_weights(RunDir.open(run_path), out, fold=fold, force=force)

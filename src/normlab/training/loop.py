@@ -177,6 +177,7 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
     checkpoints at the next step boundary and raises `Interrupted`. On recording steps of the engine's monitors
     (`engine.records(step)`), the step goes through `engine.record_step`.
     """
+    configs = [config.resolved() for config in configs]  # intervals left unset: from the number of steps
     for config in configs:
         config.validate()
     check_lockstep(configs)
