@@ -92,7 +92,7 @@ def _train_here(args: argparse.Namespace) -> int:
                           "--every")
     every = DEFAULT_EVERY if args.every is None else args.every
     options = dict(diagnose=args.diagnose, every=every, calibrate=args.calibrate, progress=not args.quiet,
-                   threads=args.threads, notice=_notice)
+                   threads=args.threads, notice=_notice, tensorboard=args.tensorboard)
     try:
         if args.resume:
             if args.preset or args.data or args.split_seed is not None or args.device:

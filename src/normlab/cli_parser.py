@@ -101,6 +101,9 @@ def _train(parser: Parser) -> None:
     parser.add_argument("--calibrate", action="store_true", help="recompute BatchNorm statistics at the end")
     parser.add_argument("--diagnose", action="store_true", help="record diagnostics and write report.html")
     parser.add_argument("--every", type=int, help="steps between diagnostic recordings (default: 100)")
+    parser.add_argument("--tensorboard", metavar="DIR",
+                        help="stream the losses (and with --diagnose, every recorded statistic) to TensorBoard event "
+                             "files in DIR while training runs: tensorboard --logdir DIR (default: none)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: train.device, cpu)")
     parser.add_argument("--threads", type=int, help="torch threads (default: 1 for lesson-sized models, else torch's)")
     parser.add_argument("--nproc", type=int,

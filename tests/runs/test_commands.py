@@ -147,3 +147,25 @@ def test_extending_a_finished_run_trains_on_as_one_longer_run(tmp_path, words_fi
     assert [row["step"] for row in rows if "val_loss" in row] == [40, 80, 120, 160, 200]
     assert [row.get("event") for row in rows if "event" in row] == ["final"]
     assert json.loads((out / "config.json").read_text())["train"]["lr_decay_step"] == 60
+
+
+def test_tensorboard_shows_the_losses_and_diagnostics_while_training_runs(tmp_path, words_file, monkeypatch):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from normlab.runs.rundir import RunDir
+
+    seen: list[set[str]] = []
+    original = RunDir.save_checkpoint
+
+    def look_then_save(self, model_state, optimizer_state, step):
+        if step == 80:  # two thirds of the way (after the checkpoint at 40): what TensorBoard shows now
+            events = EventAccumulator(str(tmp_path / "tb"))
+            events.Reload()
+            seen.append(set(events.Tags()["scalars"]))
+        original(self, model_state, optimizer_state, step)
+
+    monkeypatch.setattr(RunDir, "save_checkpoint", look_then_save)
+    start_training(_config(words_file), tmp_path / "run", diagnose=True, every=20, progress=False,
+                   tensorboard=tmp_path / "tb")
+    assert seen and any("loss" in tag for tag in seen[0]) and any("act_std" in tag for tag in seen[0])

@@ -21,8 +21,10 @@ from normlab.runs.rundir import RunDir
 
 from .helpers import assert_same_checkpoint, checkpoint_file
 
-# A run that checkpoints after every step; its evaluations every 5 steps are the metrics rows to keep exact.
-KILL_SETTINGS = ["steps=30", "checkpoint_every=1", "eval_every=5"]
+# A run that checkpoints after every step; its evaluations every 5 steps are the metrics rows to keep exact. Long
+# enough that every kill comes before the end, however fast the machine (a step and its save take milliseconds).
+STEPS = 150
+KILL_SETTINGS = [f"steps={STEPS}", "checkpoint_every=1", "eval_every=5"]
 KILLS = 3  # per engine
 SEED = 0 if os.environ.get("CI") else random.randrange(2**32)  # CI draws the same instants every time
 
@@ -63,24 +65,26 @@ def _wait_for_a_new_checkpoint(out: Path, process: subprocess.Popen, before: int
 @pytest.mark.parametrize("engine", ["stacked", "reference"])
 def test_sigkill_at_random_instants_then_resume_ends_bit_exact(tmp_path, words_file, engine, capsys):
     reference = tmp_path / "uninterrupted"
-    assert tiny_command("train", "lesson-batchnorm", reference, words_file, "--set", "steps=30", "--set",
+    assert tiny_command("train", "lesson-batchnorm", reference, words_file, "--set", f"steps={STEPS}", "--set",
                         "eval_every=5", "--set", f"engine={engine}") == 0  # checkpoints change no weight
     rng = random.Random(SEED)
     out, killed = tmp_path / "killed", 0
     for _ in range(KILLS):
+        if _checkpoint_step(out) >= STEPS:
+            break
         process = _start(out, words_file, engine)
         _wait_for_a_new_checkpoint(out, process, _checkpoint_step(out))
-        time.sleep(rng.uniform(0.0, 0.25))  # then a random instant: most of a step's time is its checkpoint's save
+        time.sleep(rng.uniform(0.0, 0.05))  # then a random instant: most of a step's time is its checkpoint's save
         process.send_signal(signal.SIGKILL)
         killed += process.wait() == -signal.SIGKILL
     assert killed >= 2, f"the run finished before it could be killed (seed {SEED})"
-    if _checkpoint_step(out) < 30:
+    if _checkpoint_step(out) < STEPS:
         assert main(["train", "--resume", "--out", str(out), "--quiet"]) == 0, f"seed {SEED}"
     assert_same_checkpoint(out, reference)
     steps = [row["step"] for row in RunDir.open(out).read_metrics() if "val_loss" in row]
-    assert steps == list(range(5, 31, 5)), f"seed {SEED}"  # no row lost or repeated
+    assert steps == list(range(5, STEPS + 1, 5)), f"seed {SEED}"  # no row lost or repeated
     leftovers = [p.name for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith("checkpoint-")]
-    assert leftovers == ["checkpoint-30"], f"seed {SEED}"
+    assert leftovers == [f"checkpoint-{STEPS}"], f"seed {SEED}"
 
 
 class _Killed(BaseException):

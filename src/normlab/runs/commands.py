@@ -86,9 +86,10 @@ class TrainOutcome:
 @dataclass
 class TrainOptions:
     """How to train, beside the run's config: diagnostics every `every` steps, BatchNorm calibration at the end,
-    a progress bar, torch threads (None: one for lesson-sized work, see `normlab.training.threads`), and
+    a progress bar, torch threads (None: one for lesson-sized work, see `normlab.training.threads`),
     `notice`, called with a line for the user before training starts (the engine that records diagnostics,
-    a compilation about to take a while)."""
+    a compilation about to take a while), and `tensorboard`, a folder where TensorBoard event files follow
+    training as it runs (`tensorboard --logdir DIR`)."""
 
     diagnose: bool = False
     every: int = 100
@@ -96,6 +97,7 @@ class TrainOptions:
     progress: bool = True
     threads: int | None = None
     notice: Callable[[str], None] | None = None
+    tensorboard: str | Path | None = None  # stream the losses (and with `diagnose`, the diagnostics) there live
 
     def validate(self) -> None:
         """`ConfigError` for a value that cannot work."""
@@ -103,6 +105,8 @@ class TrainOptions:
             raise ConfigError(f"--every must be at least 1 (steps between diagnostic recordings), got {self.every}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if self.tensorboard is not None and Path(self.tensorboard).exists() and not Path(self.tensorboard).is_dir():
+            raise ConfigError(f"--tensorboard {self.tensorboard} is a file: give a folder (created if missing)")
 
 
 def has_batchnorm(config: RunConfig) -> bool:
@@ -194,8 +198,9 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
         engine = create_engine([config.model], [train], len(run.vocab), splits.train,
                                states=None if saved is None else [saved[0]],
                                optimizer_states=None if saved is None else [saved[1]], step=start_step)
+        writer = _tensorboard_writer(options.tensorboard) if main else None
         if options.diagnose:
-            engine.attach_monitors(options.every)
+            engine.attach_monitors(options.every, writers=[writer] if writer is not None else [])
             _notify(options, f"recording diagnostics every {options.every} steps on the {name} engine"
                     + (" (each recording step runs on a reference copy of the model under the monitor: slower "
                        "than training alone)" if name == "stacked" else ""))
@@ -208,12 +213,19 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
             if engine.monitors:  # on every rank: the statistics are reduced over all of them; rank 0 writes
                 engine.monitors[0].save(run.path)
 
-        events = LoopEvents(log=(lambda _, row: run.append_metrics(row)) if main else None, checkpoint=checkpoint)
+        def log(_: int, row: dict[str, Any]) -> None:
+            run.append_metrics(row)
+            if writer is not None:
+                writer.log_metrics(row)
+
+        events = LoopEvents(log=log if main else None, checkpoint=checkpoint)
         try:
             diverged = train_loop(engine, [train], splits.train, splits.val, start_step=start_step, events=events,
                                   progress=options.progress and main)
         finally:
-            engine.close()
+            engine.close()  # closes the monitors, and the writer with them
+            if writer is not None and not engine.monitors:
+                writer.close()
         if diverged:
             raise TrainingDiverged(diverged[0].message(train), diverged[0].step)
         model = engine.modules()[0]
@@ -227,6 +239,19 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
     if options.diagnose:
         outcome.report = write_report(run.path)
     return outcome
+
+
+def _tensorboard_writer(folder: str | Path | None) -> Any:
+    """A live TensorBoard writer into `folder` (None without one); a clear error without the extra."""
+    if folder is None:
+        return None
+    from normlab.diagnostics import TensorBoardWriter
+
+    try:
+        return TensorBoardWriter(folder)
+    except ImportError:
+        raise ConfigError("--tensorboard needs TensorBoard: pip install tensorboard (or the extra "
+                          "normlab[tensorboard])") from None
 
 
 def _notify(options: TrainOptions, line: str) -> None:
