@@ -48,6 +48,12 @@ class LabData:
         return cls(vocab, splits, None if path is None else str(Path(path).resolve()))
 
     @property
+    def val_examples(self) -> int:
+        """The size of the val split. As a sweep's `final_examples`, it gives final val losses on the whole val
+        split and final train losses on as many training examples (not the whole train split, 8x as long)."""
+        return len(self.splits.val[0])
+
+    @property
     def uniform_loss(self) -> float:
         """-log(1/vocab size): the loss of a model that predicts every character equally."""
         return math.log(len(self.vocab))
