@@ -85,10 +85,22 @@ def _batch_coupling() -> dict:
     return {"batch_sizes": [2, 32, 256], "val_loss": losses}
 
 
+def _landscape() -> dict:
+    def curve(model, norm, variation, change, beta):
+        return {"model": model, "norm": norm, "loss_variation": variation, "gradient_change": change,
+                "beta_smoothness": beta}
+
+    return {"curves": [  # the medians decide: BatchNorm's lesson variation is larger at one of three snapshots
+        curve("lesson", "batch", [0.5, 0.9, 0.4], [0.3, 0.2, 0.2], [1.0, 0.8, 0.9]),
+        curve("lesson", "none", [0.6, 0.7, 0.8], [0.5, 0.6, 0.7], [1.5, 1.6, 1.7]),
+        curve("deep", "batch", [0.2, 0.3, 0.3], [0.4, 0.5, 0.5], [2.0, 2.1, 2.2]),
+        curve("deep", "none", [0.9, 0.8, 0.9], [1.5, 1.4, 1.6], [2.5, 2.4, 2.6])]}
+
+
 GOOD = {"depth": _depth, "init-schemes": _init_schemes, "saturation": _saturation,
         "init-sensitivity": _init_sensitivity, "learning-rate": _learning_rate, "train-vs-eval": _train_vs_eval,
         "momentum": _momentum, "affine": _affine, "temperature": _temperature, "softmax-init": _softmax_init,
-        "seeds": _seeds, "batch-coupling": _batch_coupling}
+        "seeds": _seeds, "batch-coupling": _batch_coupling, "landscape": _landscape}
 
 
 def _set(path: str, value):
@@ -132,6 +144,9 @@ BROKEN = [  # (experiment, the change, the check that must fail)
     ("seeds", _set("val_loss/layer", [2.35, 2.35, 2.35]), "differ across seeds"),
     ("seeds", _set("val_loss/none/0", None), "more than the noise"),  # a diverged run: no finite comparison
     ("batch-coupling", _set("val_loss/rms/0", 3.1), "than rms"),  # RMSNorm degrades by 0.7 > 0.6
+    ("landscape", _set("curves/1/beta_smoothness", [0.9, 0.7, 0.8]), "lesson: effective β-smoothness"),
+    ("landscape", _set("curves/2/loss_variation", [0.2, 1.0, 1.0]), "deep: loss variation"),  # median 1.0 > 0.9
+    ("landscape", _set("curves/2/gradient_change", [0.4, None, None]), "deep: gradient"),  # NaN probes count as Inf
 ]
 
 

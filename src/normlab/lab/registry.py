@@ -9,6 +9,7 @@ from normlab.lab import (
     depth,
     init_schemes,
     init_sensitivity,
+    landscape,
     learning_rate,
     momentum,
     saturation,
@@ -21,7 +22,7 @@ from normlab.lab.common import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {module.EXPERIMENT.name: module.EXPERIMENT for module in (
     depth, saturation, init_sensitivity, learning_rate, train_vs_eval, momentum, affine, temperature, init_schemes,
-    softmax_init, seeds, batch_coupling)}
+    softmax_init, seeds, batch_coupling, landscape)}
 
 
 def get_experiment(name: str) -> Experiment:

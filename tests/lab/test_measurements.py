@@ -1,0 +1,51 @@
+"""Measurements that experiments rest on, against independent computations: the landscape probe against the
+closed-form gradient of softmax regression."""
+
+from __future__ import annotations
+
+import torch
+
+from normlab.lab import LabData, landscape
+from normlab.model import build_model
+
+
+def _softmax_regression(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+                        ) -> tuple[float, torch.Tensor]:
+    """Mean cross-entropy of logits x·Wᵀ + b and its gradient [∂W, ∂b] flattened, written out by hand."""
+    probabilities = torch.softmax(x @ weight.T + bias, dim=1)  # (B, C)
+    loss = -probabilities[torch.arange(len(y)), y].log().mean()
+    error = (probabilities - torch.nn.functional.one_hot(y, weight.shape[0])) / len(y)  # (B, C)
+    return float(loss), torch.cat([(error.T @ x).reshape(-1), error.sum(0)])
+
+
+def test_the_probe_matches_the_closed_form_gradient_of_softmax_regression():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 5, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 4, (16,), generator=generator)
+    model = torch.nn.Linear(5, 4).double()
+    weight, bias = model.weight.detach().clone(), model.bias.detach().clone()
+    loss, gradient = _softmax_regression(x, y, weight, bias)
+    losses, changes = [loss], []
+    for eta in landscape.STEP_SIZES:
+        moved = gradient * eta
+        moved_loss, moved_gradient = _softmax_regression(x, y, weight - moved[:20].view(4, 5), bias - moved[20:])
+        losses.append(moved_loss)
+        changes.append(float((moved_gradient - gradient).norm()))
+
+    measured = landscape.probe(model, x, y)
+
+    torch.testing.assert_close(torch.tensor(measured["losses"]), torch.tensor(losses), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(measured["gradient_changes"]), torch.tensor(changes), rtol=1e-10,
+                               atol=1e-12)
+    assert abs(measured["loss_variation"] - (max(losses) - min(losses))) < 1e-12
+    betas = [change / (eta * float(gradient.norm())) for eta, change in zip(landscape.STEP_SIZES, changes)]
+    assert abs(measured["beta_smoothness"] - max(betas)) < 1e-10
+    torch.testing.assert_close(model.weight.detach(), weight, rtol=0, atol=0)  # the model itself is left alone
+
+
+def test_the_probe_leaves_batchnorm_running_statistics_alone(lab_data: LabData):
+    model = build_model(landscape.model_configs()["deep"]["batch"], len(lab_data.vocab))
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    x, y = lab_data.splits.train[0][:32], lab_data.splits.train[1][:32]
+    landscape.probe(model, x, y)
+    assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
