@@ -1,12 +1,13 @@
 """Measurements that experiments rest on, against independent computations: the landscape probe against the
-closed-form gradient of softmax regression."""
+closed-form gradient of softmax regression; recipe-differences' half-steps level against a run of half the steps."""
 
 from __future__ import annotations
 
 import torch
 
-from normlab.lab import LabData, landscape
+from normlab.lab import LabData, landscape, recipe_differences
 from normlab.model import build_model
+from normlab.sweeps.runner import run_sweep
 
 
 def _softmax_regression(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
@@ -49,3 +50,15 @@ def test_the_probe_leaves_batchnorm_running_statistics_alone(lab_data: LabData):
     x, y = lab_data.splits.train[0][:32], lab_data.splits.train[1][:32]
     landscape.probe(model, x, y)
     assert all(torch.equal(before[key], value) for key, value in model.state_dict().items())
+
+
+def test_the_half_steps_level_is_a_run_of_half_the_steps(lab_data: LabData):
+    levels = {level.label: level for level in recipe_differences.LEVELS}
+    half = recipe_differences.sweep_run(levels["half the steps"], seed=3, steps=200)
+    short = recipe_differences.sweep_run(levels["lesson-kaiming"], seed=3, steps=100)
+    results = run_sweep([half, short], lab_data.splits, len(lab_data.vocab), progress=False, keep_models=True,
+                        snapshot_steps=[100], final_examples=100)
+    snapshot, trained = results[0].snapshot(100).state_dict(), results[1].model.state_dict()
+    assert half.train.steps == 200 and short.train.steps == 100
+    for key, value in trained.items():
+        torch.testing.assert_close(snapshot[key], value, rtol=1e-6, atol=1e-7)

@@ -12,6 +12,7 @@ from normlab.lab import (
     landscape,
     learning_rate,
     momentum,
+    recipe_differences,
     saturation,
     seeds,
     softmax_init,
@@ -22,7 +23,7 @@ from normlab.lab.common import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {module.EXPERIMENT.name: module.EXPERIMENT for module in (
     depth, saturation, init_sensitivity, learning_rate, train_vs_eval, momentum, affine, temperature, init_schemes,
-    softmax_init, seeds, batch_coupling, landscape)}
+    softmax_init, seeds, batch_coupling, landscape, recipe_differences)}
 
 
 def get_experiment(name: str) -> Experiment:
