@@ -109,11 +109,21 @@ def _recipe_differences() -> dict:
                                            for label, mean in means.items()}}
 
 
+def _small_batch() -> dict:
+    # Two seeds at mean ± 0.005: pooled std 0.00707, standard error of a difference of gaps 0.00707 x √(4/2) = 0.01.
+    # Gaps: BatchNorm 0.30, Batch Renorm 0.14 (0.16 narrower > 3 x 0.01), per-example norms 0.11 (LayerNorm 0.10,
+    # GroupNorm 0.12): BatchNorm's excess 0.19, of which Batch Renorm removes 0.16 >= half.
+    means = {"batch": [2.60, 2.35, 2.30], "batchrenorm": [2.45, 2.36, 2.31], "layer": [2.42, 2.33, 2.32],
+             "group": [2.44, 2.34, 2.32]}
+    return {"batch_sizes": [2, 8, 32], "val_loss": {norm: [[m - 0.005, m + 0.005] for m in values]
+                                                      for norm, values in means.items()}}
+
+
 GOOD = {"depth": _depth, "init-schemes": _init_schemes, "saturation": _saturation,
         "init-sensitivity": _init_sensitivity, "learning-rate": _learning_rate, "train-vs-eval": _train_vs_eval,
         "momentum": _momentum, "affine": _affine, "temperature": _temperature, "softmax-init": _softmax_init,
         "seeds": _seeds, "batch-coupling": _batch_coupling, "landscape": _landscape,
-        "recipe-differences": _recipe_differences}
+        "recipe-differences": _recipe_differences, "small-batch": _small_batch}
 
 
 def _set(path: str, value):
@@ -165,6 +175,9 @@ BROKEN = [  # (experiment, the change, the check that must fail)
     ("recipe-differences", _set("val_loss/batch 16", [2.31, 2.32, 2.33, 2.32]), "batch size"),  # +0.01 < 0.0173
     # noisier fresh seeds (same mean): seed std 0.0183, threshold 3 x 0.0183 x √(2/4) = 0.039 > batch 16's +0.03
     ("recipe-differences", _set("val_loss/other seeds", [2.285, 2.315, 2.345, 2.315]), "batch size"),
+    # noisy seeds at batch 8 (pooled std 0.041): 3 standard errors 0.18 > the narrowing 0.16
+    ("small-batch", _set("val_loss/batch/1", [2.25, 2.45]), "beyond seed noise"),
+    ("small-batch", _set("val_loss/batchrenorm/0", [2.525, 2.535]), "at least 50%"),  # narrows by 0.08 < 0.095
 ]
 
 

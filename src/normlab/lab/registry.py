@@ -15,6 +15,7 @@ from normlab.lab import (
     recipe_differences,
     saturation,
     seeds,
+    small_batch,
     softmax_init,
     temperature,
     train_vs_eval,
@@ -23,7 +24,7 @@ from normlab.lab.common import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {module.EXPERIMENT.name: module.EXPERIMENT for module in (
     depth, saturation, init_sensitivity, learning_rate, train_vs_eval, momentum, affine, temperature, init_schemes,
-    softmax_init, seeds, batch_coupling, landscape, recipe_differences)}
+    softmax_init, seeds, batch_coupling, landscape, recipe_differences, small_batch)}
 
 
 def get_experiment(name: str) -> Experiment:
