@@ -12,7 +12,8 @@ its final limits by 25,000-40,000; here the schedule is scaled to the budget).
 GhostBatchNorm normalises ghost batches of `GHOST` examples inside a batch: it is run once, at the largest batch
 size, where it has the statistics of the smallest batch and the gradient of the largest. It splits BatchNorm's
 small-batch gap into the part due to noisy statistics (ghost at the largest batch minus BatchNorm there) and the
-part due to the small batch's gradient (BatchNorm at the smallest minus ghost); it trains on the reference engine.
+part due to the small batch itself, its noisier gradients and fewer examples (BatchNorm at the smallest minus
+ghost); it trains on the reference engine.
 Not part of the rule: the val loss of the batch norms with running statistics replaced by population statistics
 calibrated on training examples (how much of the gap is the running statistics').
 
@@ -186,8 +187,8 @@ def check(measurements: dict[str, Any]) -> Verdict:
 
 
 def ghost_split(measurements: dict[str, Any]) -> tuple[float, float] | None:
-    """BatchNorm's gap between the smallest and the largest batch, split into (noisy statistics, small-batch
-    gradient) by the ghost-batch runs (None without them)."""
+    """BatchNorm's loss difference between the smallest and the largest batch, split into (noisy statistics, the
+    small batch itself) by the ghost-batch runs (None without them)."""
     ghost = measurements["ghost"]["val_loss"]
     if not ghost:
         return None
@@ -254,8 +255,8 @@ def table(measurements: dict[str, Any]) -> list[str]:
                       f"{number(running, '.4f')} (calibrated {number(calibrated_ghost, '.4f')}). Of BatchNorm's loss "
                       f"difference between batch {smallest} and {largest}, {number(split[0], '+.4f')} comes with "
                       f"the statistics of {size} examples (ghost minus BatchNorm at {largest}) and "
-                      f"{number(split[1], '+.4f')} with the gradient of the small batch (BatchNorm at {smallest} "
-                      "minus ghost)."]
+                      f"{number(split[1], '+.4f')} with the small batch itself, its noisier gradients and fewer "
+                      f"examples seen (BatchNorm at {smallest} minus ghost)."]
     return lines
 
 
