@@ -1,11 +1,16 @@
 """Measurements that experiments rest on, against independent computations: the landscape probe against the
-closed-form gradient of softmax regression; recipe-differences' half-steps level against a run of half the steps."""
+closed-form gradient of softmax regression; recipe-differences' half-steps level against a run of half the steps;
+the pooled seed std against per-group sample variances."""
 
 from __future__ import annotations
+
+import math
+import statistics
 
 import torch
 
 from normlab.lab import LabData, landscape, recipe_differences
+from normlab.lab.common import pooled_std
 from normlab.model import build_model
 from normlab.sweeps.runner import run_sweep
 
@@ -62,3 +67,11 @@ def test_the_half_steps_level_is_a_run_of_half_the_steps(lab_data: LabData):
     assert half.train.steps == 200 and short.train.steps == 100
     for key, value in trained.items():
         torch.testing.assert_close(snapshot[key], value, rtol=1e-6, atol=1e-7)
+
+
+def test_the_pooled_std_weighs_each_group_by_its_degrees_of_freedom():
+    groups = [[2.0, 2.5, 3.5], [1.0, 4.0], [float("nan"), 5.0, 7.0, None], [9.0]]  # NaN/None: diverged, left out
+    variances = [statistics.variance(groups[0]), statistics.variance(groups[1]), statistics.variance([5.0, 7.0])]
+    expected = math.sqrt((2 * variances[0] + variances[1] + variances[2]) / 4)
+    assert abs(pooled_std(groups) - expected) < 1e-12
+    assert math.isnan(pooled_std([[1.0], [2.0]]))

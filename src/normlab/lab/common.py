@@ -114,6 +114,19 @@ def loss_or_inf(value: Any) -> float:
     return float(value) if finite(value) else math.inf
 
 
+def pooled_std(groups: list[list[Any]]) -> float:
+    """The pooled standard deviation of several groups (e.g. the seeds of each configuration): √(Σ squared deviations
+    from each group's mean / Σ (n - 1)) over the finite values of each group; NaN when no group has two."""
+    squares, freedom = 0.0, 0
+    for values in groups:
+        kept = [float(v) for v in values if finite(v)]
+        if len(kept) > 1:
+            mean = sum(kept) / len(kept)
+            squares += sum((v - mean) ** 2 for v in kept)
+            freedom += len(kept) - 1
+    return math.sqrt(squares / freedom) if freedom else math.nan
+
+
 def number(value: Any, spec: str = ".3f") -> str:
     """`value` formatted with `spec`, or 'n/a' when it is not a finite number."""
     return format(value, spec) if finite(value) else "n/a"

@@ -46,6 +46,7 @@ from normlab.lab.common import (
     loss_or_inf,
     markdown_table,
     number,
+    pooled_std,
     train_config,
 )
 from normlab.sweeps.runner import SweepRun, run_sweep
@@ -145,19 +146,6 @@ def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]
         losses[level.label].append(loss)
     return {"settings": asdict(settings), "levels": [{"factor": level.factor, "label": level.label}
                                                      for level in LEVELS], "val_loss": losses}
-
-
-def pooled_std(groups: list[list[float]]) -> float:
-    """√(Σ squared deviations from each group's mean / Σ (n - 1)) over the finite values of each group (NaN when no
-    group has two)."""
-    squares, freedom = 0.0, 0
-    for values in groups:
-        finite = [v for v in values if math.isfinite(loss_or_inf(v))]
-        if len(finite) > 1:
-            mean = statistics.fmean(finite)
-            squares += sum((v - mean) ** 2 for v in finite)
-            freedom += len(finite) - 1
-    return math.sqrt(squares / freedom) if freedom else math.nan
 
 
 def seed_noise(measurements: dict[str, Any]) -> float:

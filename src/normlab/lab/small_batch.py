@@ -46,6 +46,7 @@ from normlab.lab.common import (
     loss_or_inf,
     markdown_table,
     number,
+    pooled_std,
     train_config,
     training_batch,
 )
@@ -148,17 +149,9 @@ def small_batch_gap(rows: list[list[float]]) -> float:
     return values[0] - min(values)
 
 
-def pooled_std(measurements: dict[str, Any]) -> float:
+def seed_std(measurements: dict[str, Any]) -> float:
     """Pooled seed std over every norm and batch size (finite runs; NaN with a single seed)."""
-    squares, freedom = 0.0, 0
-    for rows in measurements["val_loss"].values():
-        for seeds in rows:
-            finite = [v for v in seeds if math.isfinite(loss_or_inf(v))]
-            if len(finite) > 1:
-                mean = statistics.fmean(finite)
-                squares += sum((v - mean) ** 2 for v in finite)
-                freedom += len(finite) - 1
-    return math.sqrt(squares / freedom) if freedom else math.nan
+    return pooled_std([seeds for rows in measurements["val_loss"].values() for seeds in rows])
 
 
 def gaps(measurements: dict[str, Any]) -> dict[str, float]:
@@ -174,7 +167,7 @@ def check(measurements: dict[str, Any]) -> Verdict:
     narrowing = gap["batch"] - gap["batchrenorm"]
     excess = gap["batch"] - gap["per-example"]
     seeds = len(measurements["val_loss"]["batch"][0])
-    standard_error = pooled_std(measurements) * math.sqrt(4 / seeds)
+    standard_error = seed_std(measurements) * math.sqrt(4 / seeds)
     return Verdict((
         Check("Batch Renorm's gap is smaller than BatchNorm's beyond seed noise", narrowing > K * standard_error,
               f"small-batch gap {gap['batchrenorm']:.4f} (Batch Renorm) vs {gap['batch']:.4f} (BatchNorm): "
@@ -240,7 +233,7 @@ def table(measurements: dict[str, Any]) -> list[str]:
     share = (gap["batch"] - gap["batchrenorm"]) / excess if excess > 0 else float("nan")
     shift = max((abs(a - b) for norm in calibrated for rows_a, rows_b in zip(calibrated[norm], losses[norm])
                  for a, b in zip(means([rows_a]), means([rows_b]))), default=float("nan"))
-    lines += ["", f"Pooled seed std: {number(pooled_std(measurements), '.4f')}. BatchNorm's gap exceeds the "
+    lines += ["", f"Pooled seed std: {number(seed_std(measurements), '.4f')}. BatchNorm's gap exceeds the "
                   f"per-example norms' by {number(excess, '.4f')}; Batch Renorm removes {number(share, '.0%')} of "
                   f"that excess. Calibrated population statistics move a batch norm's mean val loss by at most "
                   f"{number(shift, '.4f')}" + (": BatchNorm's gap is not in its running statistics but in what it "
