@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from normlab.lab import DOES_NOT_HOLD, EXPERIMENTS, HOLDS
+from normlab.lab import DOES_NOT_HOLD, EXPERIMENTS, HOLDS, recipe_differences
 
 
 def _depth() -> dict:
@@ -93,10 +93,45 @@ def _data_parallel() -> dict:
                             "ghostbatch": [0.1, 0.1, 0.1], "layer": [None, None, None]}}
 
 
+def _landscape() -> dict:
+    def curve(model, norm, variation, change, beta):
+        return {"model": model, "norm": norm, "loss_variation": variation, "gradient_change": change,
+                "beta_smoothness": beta}
+
+    return {"curves": [  # the medians decide: BatchNorm's lesson variation is larger at one of three snapshots
+        curve("lesson", "batch", [0.5, 0.9, 0.4], [0.3, 0.2, 0.2], [1.0, 0.8, 0.9]),
+        curve("lesson", "none", [0.6, 0.7, 0.8], [0.5, 0.6, 0.7], [1.5, 1.6, 1.7]),
+        curve("deep", "batch", [0.2, 0.3, 0.3], [0.4, 0.5, 0.5], [2.0, 2.1, 2.2]),
+        curve("deep", "none", [0.9, 0.8, 0.9], [1.5, 1.4, 1.6], [2.5, 2.4, 2.6])]}
+
+
+def _recipe_differences() -> dict:
+    # Seeds spread as mean + (-0.01, 0, 0.01, 0): the recipe's seed std (both sets) 0.00816, so the noise threshold
+    # is 3 x 0.00816 x √(2/4) = 0.0173. Every factor moves the mean by 0.03 or more at one level; fresh seeds 0.005.
+    means = {"lesson-kaiming": 2.31, "other seeds": 2.315, "cosine": 2.38, "constant": 2.31, "lr 0.05": 2.40,
+             "lr 0.2": 2.29, "half the steps": 2.45, "double the steps": 2.26, "batch 16": 2.34, "batch 64": 2.31,
+             "n_hidden 100": 2.37, "n_hidden 300": 2.30, "naive N(0,1)": 2.60, "x0.2 (tanh-fix)": 2.31}
+    levels = [{"factor": level.factor, "label": level.label} for level in recipe_differences.LEVELS]
+    assert [level["label"] for level in levels] == list(means)
+    return {"levels": levels, "val_loss": {label: [mean - 0.01, mean, mean + 0.01, mean]
+                                           for label, mean in means.items()}}
+
+
+def _small_batch() -> dict:
+    # Two seeds at mean ± 0.005: pooled std 0.00707, standard error of a difference of gaps 0.00707 x √(4/2) = 0.01.
+    # Gaps: BatchNorm 0.30, Batch Renorm 0.14 (0.16 narrower > 3 x 0.01), per-example norms 0.11 (LayerNorm 0.10,
+    # GroupNorm 0.12): BatchNorm's excess 0.19, of which Batch Renorm removes 0.16 >= half.
+    means = {"batch": [2.60, 2.35, 2.30], "batchrenorm": [2.45, 2.36, 2.31], "layer": [2.42, 2.33, 2.32],
+             "group": [2.44, 2.34, 2.32]}
+    return {"batch_sizes": [2, 8, 32], "val_loss": {norm: [[m - 0.005, m + 0.005] for m in values]
+                                                      for norm, values in means.items()}}
+
+
 GOOD = {"depth": _depth, "init-schemes": _init_schemes, "saturation": _saturation,
         "init-sensitivity": _init_sensitivity, "learning-rate": _learning_rate, "train-vs-eval": _train_vs_eval,
         "momentum": _momentum, "affine": _affine, "temperature": _temperature, "softmax-init": _softmax_init,
-        "seeds": _seeds, "batch-coupling": _batch_coupling, "data-parallel": _data_parallel}
+        "seeds": _seeds, "batch-coupling": _batch_coupling, "data-parallel": _data_parallel, "landscape": _landscape,
+        "recipe-differences": _recipe_differences, "small-batch": _small_batch}
 
 
 def _set(path: str, value):
@@ -144,6 +179,17 @@ BROKEN = [  # (experiment, the change, the check that must fail)
     ("data-parallel", _set("stats_error/batch/2", 0.07), "error grows"),  # 1.4x
     ("data-parallel", _set("val_loss/syncbatch/1", 2.305), "val loss stays"),  # 0.005 from one process
     ("data-parallel", _set("stats_error/syncbatch/2", 0.06), "error stays"),  # 1.2x
+    ("landscape", _set("curves/1/beta_smoothness", [0.9, 0.7, 0.8]), "lesson: effective β-smoothness"),
+    ("landscape", _set("curves/2/loss_variation", [0.2, 1.0, 1.0]), "deep: loss variation"),  # median 1.0 > 0.9
+    ("landscape", _set("curves/2/gradient_change", [0.4, None, None]), "deep: gradient"),  # NaN probes count as Inf
+    ("recipe-differences", _set("val_loss/other seeds", [2.32, 2.33, 2.34, 2.33]), "fresh set of seeds"),  # +0.02
+    ("recipe-differences", _set("val_loss/other seeds/0", None), "fresh set of seeds"),  # a diverged run
+    ("recipe-differences", _set("val_loss/batch 16", [2.31, 2.32, 2.33, 2.32]), "batch size"),  # +0.01 < 0.0173
+    # noisier fresh seeds (same mean): seed std 0.0183, threshold 3 x 0.0183 x √(2/4) = 0.039 > batch 16's +0.03
+    ("recipe-differences", _set("val_loss/other seeds", [2.285, 2.315, 2.345, 2.315]), "batch size"),
+    # noisy seeds at batch 8 (pooled std 0.041): 3 standard errors 0.18 > the narrowing 0.16
+    ("small-batch", _set("val_loss/batch/1", [2.25, 2.45]), "beyond seed noise"),
+    ("small-batch", _set("val_loss/batchrenorm/0", [2.525, 2.535]), "at least 50%"),  # narrows by 0.08 < 0.095
 ]
 
 
@@ -162,3 +208,10 @@ def test_each_rule_sees_a_failing_case(name, change, failing):
     assert verdict.text == DOES_NOT_HOLD
     assert [check.name for check in verdict.checks if not check.passed] == [
         check.name for check in verdict.checks if failing in check.name]
+
+
+def test_an_unstable_level_does_not_widen_the_seed_noise_of_recipe_differences():
+    measurements = _recipe_differences()
+    measurements["val_loss"]["naive N(0,1)"] = [2.3, 2.9, 2.3, 2.9]  # std 0.35: pooled with the rest, it would
+    verdict = EXPERIMENTS["recipe-differences"].check(measurements)  # hide batch 16's +0.03
+    assert verdict.text == HOLDS, verdict.checks

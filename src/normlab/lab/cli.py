@@ -22,7 +22,8 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{''.ljust(width)}  quick: {budgets['quick']}")
         print(f"{''.ljust(width)}  full:  {budgets['full']}")
         if args.verbose:
-            print(textwrap.indent(textwrap.fill(f"claim: {experiment.claim}", 100), " " * (width + 2)))
+            claim = textwrap.fill(f"claim: {experiment.claim}", 100, break_on_hyphens=False)  # keep "one-hidden-layer"
+            print(textwrap.indent(claim, " " * (width + 2)))
     return 0
 
 

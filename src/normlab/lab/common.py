@@ -48,6 +48,12 @@ class LabData:
         return cls(vocab, splits, None if path is None else str(Path(path).resolve()))
 
     @property
+    def val_examples(self) -> int:
+        """The size of the val split. As a sweep's `final_examples`, it gives final val losses on the whole val
+        split and final train losses on as many training examples (not the whole train split, 8x as long)."""
+        return len(self.splits.val[0])
+
+    @property
     def uniform_loss(self) -> float:
         """-log(1/vocab size): the loss of a model that predicts every character equally."""
         return math.log(len(self.vocab))
@@ -106,6 +112,19 @@ def finite(value: Any) -> bool:
 def loss_or_inf(value: Any) -> float:
     """A loss for comparisons: NaN, Inf and None (a diverged or missing run) count as +Inf."""
     return float(value) if finite(value) else math.inf
+
+
+def pooled_std(groups: list[list[Any]]) -> float:
+    """The pooled standard deviation of several groups (e.g. the seeds of each configuration): √(Σ squared deviations
+    from each group's mean / Σ (n - 1)) over the finite values of each group; NaN when no group has two."""
+    squares, freedom = 0.0, 0
+    for values in groups:
+        kept = [float(v) for v in values if finite(v)]
+        if len(kept) > 1:
+            mean = sum(kept) / len(kept)
+            squares += sum((v - mean) ** 2 for v in kept)
+            freedom += len(kept) - 1
+    return math.sqrt(squares / freedom) if freedom else math.nan
 
 
 def number(value: Any, spec: str = ".3f") -> str:

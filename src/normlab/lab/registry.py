@@ -10,10 +10,13 @@ from normlab.lab import (
     depth,
     init_schemes,
     init_sensitivity,
+    landscape,
     learning_rate,
     momentum,
+    recipe_differences,
     saturation,
     seeds,
+    small_batch,
     softmax_init,
     temperature,
     train_vs_eval,
@@ -22,7 +25,7 @@ from normlab.lab.common import Experiment
 
 EXPERIMENTS: dict[str, Experiment] = {module.EXPERIMENT.name: module.EXPERIMENT for module in (
     depth, saturation, init_sensitivity, learning_rate, train_vs_eval, momentum, affine, temperature, init_schemes,
-    softmax_init, seeds, batch_coupling, data_parallel)}
+    softmax_init, seeds, batch_coupling, data_parallel, landscape, recipe_differences, small_batch)}
 
 
 def get_experiment(name: str) -> Experiment:
