@@ -189,3 +189,12 @@ def population_statistics(model: torch.nn.Module, x: torch.Tensor, chunk: int = 
         model.train(was_training)
     mean = total / len(x)
     return mean, total_of_squares / len(x) - mean.square()
+
+
+def tracking_error(model: torch.nn.Module, population: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """RMS over features of the running mean's and std's error against the population's (see the module)."""
+    _, norm = batchnorm_layers(model)[0]
+    mean, var = population
+    mean_error = (norm.running_mean.double() - mean) / var.sqrt()
+    std_error = 0.5 * torch.log(norm.running_var.double() / var)
+    return math.sqrt(float(torch.cat([mean_error, std_error]).square().mean()))

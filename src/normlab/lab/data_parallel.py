@@ -9,7 +9,7 @@ step for step), GhostBatchNorm ghost batches of the smallest per-rank batch (the
 on one process it trains exactly as per-rank BatchNorm on the most ranks, while its running statistics see every
 chunk), LayerNorm each example alone. Measured: the
 final val loss (running statistics in eval mode) and the running-statistics error of the first norm (rank 0's
-buffers against the population statistics of its input over the training examples: `momentum.tracking_error`),
+buffers against the population statistics of its input over the training examples: `common.tracking_error`),
 with the BatchNorm momentum at torch's 0.1, so that the running statistics follow the last batches' noise.
 
 Budget (one launch per rank count above 1, every norm trained in it): tiny 4 norms x ranks 1, 2 x 100 steps; quick
@@ -34,10 +34,10 @@ from normlab.lab.common import (
     markdown_table,
     number,
     population_statistics,
+    tracking_error,
     train_config,
     training_batch,
 )
-from normlab.lab.momentum import tracking_error
 from normlab.training import create_engine, evaluate, train_loop
 
 NORMS = ("batch", "syncbatch", "ghostbatch", "layer")

@@ -14,11 +14,8 @@ Budget (7 runs in one stacked group): tiny 7 x 400 steps; quick 7 x 4,000 steps 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any
-
-import torch
 
 from normlab.config import get_preset
 from normlab.lab.common import (
@@ -29,11 +26,12 @@ from normlab.lab.common import (
     markdown_table,
     number,
     population_statistics,
+    tracking_error,
     train_config,
     training_batch,
 )
 from normlab.sweeps.runner import SweepRun, run_sweep
-from normlab.training import batchnorm_layers, calibrate_batchnorm, evaluate
+from normlab.training import calibrate_batchnorm, evaluate
 
 MOMENTA = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 0.5)
 EARLY = 40  # the early snapshot comes after 1/EARLY of training: within the slowest momentum's time constant
@@ -62,15 +60,6 @@ SETTINGS = {"tiny": Settings(400, 5_000, 2_000), "quick": Settings(4_000, 50_000
 def budget(settings: Settings) -> str:
     """Runs x steps."""
     return f"{len(MOMENTA)} runs x {settings.steps:,} steps, {SNAPSHOTS + 1} snapshots each"
-
-
-def tracking_error(model: torch.nn.Module, population: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """RMS over features of the running mean's and std's error against the population's (see the module)."""
-    _, norm = batchnorm_layers(model)[0]
-    mean, var = population
-    mean_error = (norm.running_mean.double() - mean) / var.sqrt()
-    std_error = 0.5 * torch.log(norm.running_var.double() / var)
-    return math.sqrt(float(torch.cat([mean_error, std_error]).square().mean()))
 
 
 def measure(settings: Settings, data: LabData, progress: bool) -> dict[str, Any]:
