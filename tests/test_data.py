@@ -8,6 +8,8 @@ import re
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from normlab.data import Vocab, build_dataset, bundled_path, load_words, make_splits, split_words
 from normlab.errors import DataError
@@ -95,3 +97,24 @@ def test_a_byte_order_mark_is_not_a_character(tmp_path):
     path.write_bytes("\ufeffemma\nbob\n".encode())  # as Notepad writes UTF-8
     assert load_words(path) == ["emma", "bob"]
     assert "\ufeff" not in Vocab.from_words(load_words(path)).itos
+
+
+def _lesson_build_dataset(words, vocab, block_size):
+    """The lesson's loop, character by character: the reference for the vectorised `build_dataset`."""
+    stoi, xs, ys = vocab.stoi, [], []
+    for word in words:
+        context = [0] * block_size
+        for ch in word + ".":
+            xs.append(context)
+            ys.append(stoi[ch])
+            context = context[1:] + [stoi[ch]]
+    return torch.tensor(xs, dtype=torch.long).view(-1, block_size), torch.tensor(ys, dtype=torch.long)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(alphabet="abcxyzé", min_size=1, max_size=12), max_size=20), st.integers(1, 9))
+def test_context_windows_equal_the_lessons_loop(words, block_size):
+    vocab = Vocab.from_words(words or ["a"])
+    x, y = build_dataset(words, vocab, block_size)
+    expected_x, expected_y = _lesson_build_dataset(words, vocab, block_size)
+    assert torch.equal(x, expected_x) and torch.equal(y, expected_y)

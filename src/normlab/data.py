@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from normlab.errors import DataError
@@ -136,19 +137,23 @@ class Vocab:
 
 
 def build_dataset(words: list[str], vocab: Vocab, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Context windows of every word: X (N, block_size) int64 and Y (N,) int64, as in the lesson."""
+    """Context windows of every word: X (N, block_size) int64 and Y (N,) int64, as in the lesson.
+
+    Word by word, `block_size` boundary tokens, the word and one more boundary token: every character after the
+    leading boundaries is a target, the `block_size` before it its context (so no window crosses two words).
+    """
     if block_size < 1:
         raise DataError(f"block_size must be at least 1, got {block_size}")
+    if not words:
+        return torch.zeros((0, block_size), dtype=torch.long), torch.zeros(0, dtype=torch.long)
     stoi = vocab.stoi
-    xs, ys = [], []
-    for word in words:
-        context = [0] * block_size
-        for ch in word + BOUNDARY:
-            index = stoi[ch]
-            xs.append(context)
-            ys.append(index)
-            context = context[1:] + [index]
-    return torch.tensor(xs, dtype=torch.long).view(-1, block_size), torch.tensor(ys, dtype=torch.long)
+    text = "".join(BOUNDARY * block_size + word + BOUNDARY for word in words)
+    codes = np.fromiter((stoi[ch] for ch in text), dtype=np.int64, count=len(text))
+    lengths = np.fromiter((len(word) + 1 for word in words), dtype=np.int64, count=len(words))
+    starts = np.cumsum(lengths + block_size) - lengths  # where each word's first target sits
+    targets = np.repeat(starts - np.cumsum(np.concatenate(([0], lengths[:-1]))), lengths) + np.arange(lengths.sum())
+    windows = np.lib.stride_tricks.sliding_window_view(codes, block_size)  # windows[i] = codes[i:i + block_size]
+    return torch.from_numpy(windows[targets - block_size].copy()), torch.from_numpy(codes[targets].copy())
 
 
 def split_words(words: list[str], seed: int = 42) -> tuple[list[str], list[str], list[str]]:

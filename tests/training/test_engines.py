@@ -138,3 +138,14 @@ def test_models_trained_at_once_must_share_the_architecture_and_the_shared_train
         create_engine([ModelConfig(n_hidden=8), ModelConfig(n_hidden=9)], [BASE, BASE], VOCAB, TRAIN_XY)
     with pytest.raises(ConfigError, match="share their architecture"):
         create_engine([ModelConfig()] * 2, [BASE, dataclasses.replace(BASE, batch_size=8)], VOCAB, TRAIN_XY)
+
+
+@pytest.mark.parametrize("changes", [{}, {"momentum": 0.9, "weight_decay": 1e-3},
+                                     {"optimizer": "adamw", "lr": 3e-3, "beta1": 0.8, "weight_decay": 0.1}])
+def test_the_written_out_param_group_settings_equal_torchs(changes):
+    from normlab.training.optimizers import param_group_defaults
+
+    config = dataclasses.replace(BASE, **changes)
+    group = dict(make_optimizer([torch.nn.Parameter(torch.zeros(1))], config).param_groups[0])
+    del group["params"]
+    assert param_group_defaults(config) == group

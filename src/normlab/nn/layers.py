@@ -66,8 +66,11 @@ class Linear(nn.Module):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw weight then bias again following `init` and `bias_init`, from `generator` when given; scale."""
+        """Draw weight then bias again following `init` and `bias_init`, from `generator` when given; scale. On
+        torch's meta device (shapes only) there is nothing to draw."""
         weight = self.weight
+        if weight.is_meta:  # and the first random draw there costs a second of torch's set-up
+            return
         if self.init == "torch":
             initializers.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
         elif self.init in ("kaiming", "fan_in"):
@@ -173,7 +176,10 @@ class Embedding(nn.Module):
             self.weight = nn.Parameter(_weight, requires_grad=not _freeze)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw the table from N(0, 1) again (from `generator` when given); zero the padding row."""
+        """Draw the table from N(0, 1) again (from `generator` when given); zero the padding row. On torch's meta
+        device (shapes only) there is nothing to draw."""
+        if self.weight.is_meta:
+            return
         with torch.no_grad():
             self.weight.normal_(0.0, 1.0, generator=generator)
             if self.padding_idx is not None:
