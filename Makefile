@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "compiling the presets' training steps (once, a few minutes; runs of any length then start compiled)"
+	-$(VENV)/bin/normlab compile
 	touch $(STAMP)
 
 # The main job: train the default preset on the bundled names, calibrate BatchNorm, sample, write the report.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,9 @@ from hypothesis import settings
 settings.register_profile("ci", derandomize=True, print_blob=True)
 if os.environ.get("CI"):
     settings.load_profile("ci")
+
+# Compiled training steps go to a cache of this test session (subprocesses inherit it), not the user's.
+os.environ["NORMLAB_CACHE"] = tempfile.mkdtemp(prefix="normlab-test-cache-")
 
 TINY_WORDS = """
 emma olivia ava isabella sophia charlotte mia amelia harper evelyn abigail emily elizabeth mila ella avery

@@ -272,7 +272,8 @@ def test_every_option_shows_its_default_in_its_help():
                 text = parser.formatter_class("normlab")._get_help_string(action)
                 if "default" not in text:
                     without.append((name, action.dest))
-    assert without == [("train", "set"), ("sweep", "set"), ("eval", "data"), ("inspect", "set")]  # none to show
+    assert without == [("train", "set"), ("sweep", "set"), ("eval", "data"), ("compile", "set"),
+                       ("inspect", "set")]  # none to show
 
 
 def test_train_help_lists_the_presets_and_every_key(capsys):
@@ -302,12 +303,12 @@ def test_diagnose_says_which_engine_records(tmp_path, words_file, capsys, engine
 def test_a_compiled_run_says_so_before_it_starts(tmp_path, words_file, capsys, monkeypatch):
     from normlab.training.engines.stacked.engine import StackedEngine
 
-    monkeypatch.setattr(StackedEngine, "compiled", property(lambda self: True))  # without compiling for real
+    monkeypatch.setattr(StackedEngine, "compiling", property(lambda self: True))  # without compiling for real
     assert tiny_command("train", "lesson-batchnorm", tmp_path / "run", words_file) == 0
     assert "compiling" not in capsys.readouterr().err  # --quiet: no notices
     assert main(["train", "--preset", "lesson-batchnorm", "--data", str(words_file), "--out", str(tmp_path / "b"),
                  "--set", "steps=20", "--set", "n_hidden=16"]) == 0
-    assert "compiling the training steps with torch.compile (first run only, ~30 s" in capsys.readouterr().err
+    assert "compiling the training steps (once for this configuration, ~30 s" in capsys.readouterr().err
 
 
 def test_greedy_sampling_prints_the_most_likely_word(trained_run, capsys):
@@ -315,3 +316,27 @@ def test_greedy_sampling_prints_the_most_likely_word(trained_run, capsys):
     word = capsys.readouterr().out.split("\n\n")[0]
     assert main(["sample", str(trained_run), "--top-k", "1", "-n", "1"]) == 0  # top-1 sampling is greedy too
     assert capsys.readouterr().out.split("\n\n")[0] == word
+
+
+def test_compile_prepares_a_presets_steps_once_and_a_run_then_starts_compiled(tmp_path, words_file, capsys,
+                                                                              monkeypatch):
+    from normlab.training.engines.stacked.kernels import Kernel
+
+    settings = ["--data", str(words_file), "--set", "n_hidden=8", "--set", "n_embd=2"]
+    assert main(["compile", "--preset", "lesson-batchnorm", "--preset", "lesson-deep", *settings]) == 0
+    out = capsys.readouterr().out
+    if "FAILED" in out:
+        pytest.skip(f"no compiler here: {out}")
+    assert out.splitlines()[0].startswith("lesson-batchnorm: compiled in ")
+    assert out.splitlines()[1] == "lesson-deep: nothing to compile: it trains on the reference engine"
+    assert main(["compile", "--preset", "lesson-batchnorm", *settings]) == 0
+    assert capsys.readouterr().out == "lesson-batchnorm: already compiled (cached)\n"
+    # a short run (far below the threshold where a first compilation pays) now runs compiled, without a notice
+    calls = []
+    run = Kernel.__call__
+    monkeypatch.setattr(Kernel, "__call__", lambda self, tensors: calls.append(1) or run(self, tensors))
+    assert main(["train", "--preset", "lesson-batchnorm", *settings, "--set", "steps=400", "--out",
+                 str(tmp_path / "run")]) == 0
+    assert "compiling" not in capsys.readouterr().err and calls  # calls of ten steps through the kernel
+    assert main(["compile", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err

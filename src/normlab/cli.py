@@ -202,6 +202,19 @@ def _presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compile(args: argparse.Namespace) -> int:
+    from normlab.config import PRESETS
+    from normlab.runs.commands import compile_steps
+
+    names = args.preset or list(PRESETS)
+    configs = {name: _config(name, args) for name in names}  # every preset and setting checked before compiling
+    failed = False
+    for name, outcome in compile_steps(configs, threads=args.threads, everything=args.preset is None):
+        print(f"{name}: {outcome}", flush=True)
+        failed |= outcome.startswith("FAILED")
+    return 1 if failed else 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from normlab.runs.commands import write_report
 
@@ -240,7 +253,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": _train, "sweep": _sweep, "sample": _sample, "eval": _eval, "calibrate": _calibrate, "export": _export,
-    "presets": _presets, "report": _report, "inspect": _inspect}
+    "presets": _presets, "compile": _compile, "report": _report, "inspect": _inspect}
 
 
 def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:

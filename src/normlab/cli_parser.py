@@ -22,6 +22,7 @@ COMMANDS = {
     "calibrate": "set the BatchNorm statistics of a finished run to the training split's",
     "export": "write a run's weights for inference (--fold: BatchNorm folded into the Linear before it)",
     "presets": "list the presets",
+    "compile": "compile presets' training steps ahead of time (cached), so that runs of any length start compiled",
     "report": "rebuild report.html of a run, or write the comparison page of a sweep",
     "inspect": "one forward and backward pass of a preset at initialisation",
     "lab": "measure, check and draw the lesson's claims (`lab list`, `lab run`)",
@@ -160,6 +161,13 @@ def _export(parser: Parser) -> None:
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
+def _compile(parser: Parser) -> None:
+    parser.add_argument("--preset", action="append",
+                        help="a preset to compile (repeatable; default: every preset the stacked engine trains)")
+    _config_arguments(parser, " for every preset")
+    parser.add_argument("--threads", type=int, help="torch threads (default: as `normlab train` chooses)")
+
+
 def _presets(parser: Parser) -> None:
     parser.add_argument("-v", "--verbose", action="store_true", help="print each preset's full config")
 
@@ -182,7 +190,8 @@ def _lab(parser: Parser) -> None:
 
 
 BUILDERS = {"train": _train, "sweep": _sweep, "sample": _sample, "eval": _eval, "calibrate": _run_only,
-            "export": _export, "presets": _presets, "report": _report, "inspect": _inspect, "lab": _lab}
+            "export": _export, "presets": _presets, "compile": _compile, "report": _report, "inspect": _inspect,
+            "lab": _lab}
 
 
 def command_of(argv: list[str]) -> str | None:

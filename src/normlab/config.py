@@ -306,7 +306,7 @@ PRESETS: dict[str, Preset] = {
         ModelConfig(block_size=5, n_embd=24, n_hidden=400, norm="batch", init="kaiming", output_weight_scale=0.1,
                     output_bias_scale=0.0),
         TrainConfig(steps=2500, batch_size=256, optimizer="adamw", lr=0.006, schedule="cosine", warmup_steps=100,
-                    eval_every=250, checkpoint_every=2500, compile=False)),
+                    eval_every=250, checkpoint_every=2500)),
 }
 DEFAULT_PRESET = "lesson-batchnorm"
 

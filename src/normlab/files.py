@@ -23,7 +23,7 @@ def atomic_write(path: str | Path, data: bytes | str) -> None:
     payload = data.encode("utf-8") if isinstance(data, str) else data
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX)
     try:
-        os.chmod(temp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        os.chmod(temp, 0o666 & ~umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(handle, "wb") as file:
             file.write(payload)
             file.flush()
@@ -56,7 +56,7 @@ def sync_folder(folder: str | Path) -> None:
 
 def usual_permissions(path: str | Path) -> None:
     """Give a folder made by `tempfile.mkdtemp` (mode 0700) the permissions `mkdir` would have given it."""
-    os.chmod(path, 0o777 & ~_umask())
+    os.chmod(path, 0o777 & ~umask())
 
 
 def remove_stale_temporaries(folder: str | Path) -> list[Path]:
@@ -70,7 +70,8 @@ def remove_stale_temporaries(folder: str | Path) -> list[Path]:
     return removed
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from torch._dynamo.utils import counters
 
 from normlab.config import ModelConfig, TrainConfig, get_preset
 from normlab.errors import ConfigError
@@ -91,21 +90,32 @@ def test_stacked_diagnostics_equal_the_reference_engines_in_float64(norm):
         assert actual[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
 
 
-def test_compiled_calls_follow_the_eager_steps():
-    """The torch.compile'd calls of ten steps against one step at a time, in float32: equal within rounding."""
+def test_compiled_calls_follow_the_eager_steps_and_a_later_engine_loads_the_cached_kernel():
+    """The compiled calls of ten steps (AOTInductor) against one step at a time, in float32: equal within
+    rounding; a second engine of the same configuration loads the kernel from the cache (no compilation) and
+    repeats the first compiled run exactly; a damaged kernel file is not used but rebuilt."""
+    from normlab.training.engines.stacked.kernels import cache_dir
+
     model = dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=24)
     results = []
-    for compile in (False, True):
+    for compile in (False, True, None):
         config = dataclasses.replace(BASE, steps=40, eval_every=40, momentum=0.9, compile=compile, engine="stacked")
+        probe = create_engine([model], [config], VOCAB, TRAIN_XY)  # what the run's engine will do
+        assert probe.compiled == (compile is not False)
+        assert probe.compiling == (compile is True)  # auto: the kernel the previous run built, though 40 steps
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             engine, _ = _train([model], [config], dtype=None)
-        if any("torch.compile failed" in str(w.message) for w in caught):
-            pytest.skip("torch.compile is not available here (no C++ compiler?): the eager path is used instead")
+        if any("compiling the training steps failed" in str(w.message) for w in caught):
+            pytest.skip("AOTInductor is not available here (no C++ compiler?): the eager path is used instead")
         results.append(engine.model_state(0))
-    assert counters["stats"]["unique_graphs"] >= 1  # the calls really ran through torch.compile
-    for (name, a), b in zip(results[0].items(), results[1].values()):
+    kernels = list(cache_dir().glob(f"{engine._key}.pt2"))
+    assert len(kernels) == 1
+    for (name, a), b, c in zip(results[0].items(), results[1].values(), results[2].values()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+        assert torch.equal(b, c), name
+    kernels[0].write_bytes(b"not a kernel")
+    assert create_engine([model], [dataclasses.replace(config, compile=True)], VOCAB, TRAIN_XY).compiling
 
 
 def test_the_stacked_engine_starts_from_and_returns_reference_state_dicts():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,8 @@ from normlab.sample import Diversity, Samples, diversity, sample_words
 from normlab.training import LoopEvents, calibrate_batchnorm, choose_engine, create_engine, evaluate, train_loop
 from normlab.training.threads import threads_for, torch_threads, work_per_step
 
-COMPILING = "compiling the training steps with torch.compile (first run only, ~30 s; cached on disk afterwards)"
+COMPILING = ("compiling the training steps (once for this configuration, ~30 s; cached on disk afterwards, "
+             "`normlab compile` prepares them ahead)")
 
 
 def load_data(config: RunConfig, vocab: Vocab | None = None) -> tuple[Vocab, Splits]:
@@ -204,7 +205,7 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
             _notify(options, f"recording diagnostics every {options.every} steps on the {name} engine"
                     + (" (each recording step runs on a reference copy of the model under the monitor: slower "
                        "than training alone)" if name == "stacked" else ""))
-        if options.progress and getattr(engine, "compiled", False):
+        if options.progress and getattr(engine, "compiling", False):
             _notify(options, COMPILING)
 
         def checkpoint(step: int) -> None:
@@ -295,6 +296,39 @@ class Inspection:
     findings: list[Any]
     initial_loss: float
     uniform_loss: float
+
+
+def compile_steps(configs: dict[str, RunConfig], *, threads: int | None = None, everything: bool = False
+                  ) -> Iterator[tuple[str, str]]:
+    """Compile the stacked engine's steps of each named config into the kernel cache (see
+    `normlab.training.engines.stacked.kernels`); yields (name, what happened: "FAILED ..." if it failed). With
+    `everything`, configs the stacked engine does not train are skipped quietly rather than reported."""
+    import time
+
+    for name, config in configs.items():
+        config.validate()
+        engine_name = choose_engine(config.model, config.train)
+        reason = (f"it trains on the {engine_name} engine" if engine_name != "stacked"
+                  else f"it trains on {config.train.device}" if config.train.device != "cpu"
+                  else "train.compile is false" if config.train.compile is False else None)
+        if reason is not None:
+            if not everything:
+                yield name, f"nothing to compile: {reason}"
+            continue
+        vocab, splits = load_data(config)
+        train = dataclasses.replace(config.train, engine="stacked")
+        with torch_threads(threads or threads_for(work_per_step([config.model], train.batch_size))):
+            engine = create_engine([config.model], [train], len(vocab), splits.train)
+            if not engine.compiling and engine.compiled:
+                yield name, "already compiled (cached)"
+                continue
+            started = time.perf_counter()
+            try:
+                engine.compile()
+            except Exception as error:  # no C++ compiler...: training still works, uncompiled
+                yield name, f"FAILED ({type(error).__name__}: {str(error).splitlines()[0][:300]}); it trains uncompiled"
+                continue
+        yield name, f"compiled in {time.perf_counter() - started:.0f} s"
 
 
 def inspect_preset(config: RunConfig, batch_size: int = 256) -> Inspection:

@@ -22,6 +22,7 @@ import torch
 from normlab.config import ModelConfig, TrainConfig
 from normlab.model import LanguageModel, build_model
 from normlab.training.engines import Engine, Split
+from normlab.training.engines.stacked.kernels import Kernel, build_kernel, kernel_key, load_kernel
 from normlab.training.engines.stacked.model import StackedMLP
 from normlab.training.engines.stacked.optim import StackedOptimizer
 from normlab.training.threads import work_per_step
@@ -30,10 +31,11 @@ STEPS_PER_CALL = 10  # steps per compiled call (measured best on 2 cores); divid
 # Compile when a run's work (steps × models × batch × width) is at least this: about a minute of eager steps on
 # 2 cores, enough to repay the ~20 s compilation (the lesson's recipe is 1.3e9; the `fast` preset, 2.6e8, is not).
 COMPILE_MIN_WORK = 6e8
-AUTOTUNE_MIN_WORK = 2**17  # per step; above it (32 lesson models and up) inductor's autotuning pays
+AUTOTUNE_MIN_WORK = 2**17  # per step; above it (32 lesson models and up) inductor's autotuning of stacks pays
 COMPILE_OPTIONS = {"cpp_wrapper": True}  # kernels called from C++, not Python: less overhead per step
 # For large stacks, let inductor time its own C++ matrix-product templates against ATen's and keep the faster:
-# measured here, +7% steps/s for 32 lesson models at the price of ~20 s more compilation; none for one model.
+# measured here, +7% steps/s for 32 lesson models at the price of ~20 s more compilation. Not for one model:
+# there its choice lost (one lesson model at batch 2,048: 0.34x the plain loop autotuned, 4.5x without).
 AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
                     "max_autotune_report_choices_stats": False}
 
@@ -66,19 +68,88 @@ class StackedEngine(Engine):
             self.limits = torch.tensor([math.inf if c.grad_clip is None else c.grad_clip for c in trains],
                                        dtype=self.stacked.embedding.dtype, device=self.device)
         work = work_per_step(models, trains[0].batch_size)
-        self._compiled, self._compiled_calls = None, False
-        if should_compile(trains[0], work):
-            options = COMPILE_OPTIONS | (AUTOTUNE_OPTIONS if work > AUTOTUNE_MIN_WORK else {})
-            self._compiled = torch.compile(self._steps, fullgraph=True, dynamic=False, options=options)
+        autotune = self.num_models > 1 and work > AUTOTUNE_MIN_WORK
+        self._options = COMPILE_OPTIONS | (AUTOTUNE_OPTIONS if autotune else {})
+        self._kernel: Kernel | None = None
+        self._key = kernel_key(models, trains[0], self.stacked.embedding.dtype, self.x.shape[1], vocab_size,
+                               STEPS_PER_CALL, self._options)
+        wanted = trains[0].compile
+        if wanted is not False and self.device.type == "cpu":
+            self._kernel = load_kernel(self._key)  # compiled earlier (`normlab compile`, or a long run): free
+        self._build = self._kernel is None and wanted is not False and should_compile(trains[0], work)
+        if self.compiled:
             self.steps_per_call = STEPS_PER_CALL
-        self.stacked.fused_kernels = self._compiled is None and self.num_models == 1
+        self.stacked.fused_kernels = self.num_models == 1  # for the uncompiled calls
         self.monitors: list[Any] = []
         self._twins: list[tuple[LanguageModel, torch.optim.Optimizer]] = []
 
     @property
     def compiled(self) -> bool:
         """Whether calls of `steps_per_call` steps run compiled."""
-        return self._compiled is not None
+        return self._kernel is not None or self._build
+
+    @property
+    def compiling(self) -> bool:
+        """Whether the first compiled call will compile the kernel first (it is not in the cache yet)."""
+        return self._kernel is None and self._build
+
+    def compile(self) -> None:
+        """Compile this engine's chunk of steps now, unless the cache has it (see `kernels`)."""
+        if self._kernel is not None:
+            return
+        state = self._state()
+        indices = torch.zeros((STEPS_PER_CALL, self.num_models, self.train_configs[0].batch_size),
+                              dtype=torch.int64, device=self.device)
+        rates = torch.zeros((STEPS_PER_CALL, self.num_models), dtype=self.stacked.embedding.dtype,
+                            device=self.device)
+        copies = [t.clone() for t in state]  # export runs the steps on fake tensors; keep the real ones safe
+        dynamic = [None] * len(state) + [None, None]
+        dynamic[len(state) - 2 - (self.limits is not None)] = 0  # x and y: any number of training examples
+        dynamic[len(state) - 1 - (self.limits is not None)] = 0
+        fused = self.stacked.fused_kernels
+        self.stacked.fused_kernels = False  # compiled code fuses the written-out formulas itself
+        try:
+            with _quiet_autotuning():
+                self._kernel = build_kernel(self._key, self._pure_steps, copies + [indices, rates], dynamic,
+                                            self._options)
+        finally:
+            self.stacked.fused_kernels = fused
+        self._build = False
+
+    def _state(self) -> list[torch.Tensor]:
+        """Every tensor a step reads or updates, in a fixed order: the kernel's inputs before the batch."""
+        buffers = [buffer for per_param in self.optimizer.buffers for buffer in per_param]
+        limits = [] if self.limits is None else [self.limits]
+        return self.stacked.tensors() + buffers + [self.optimizer.step_count, self.x, self.y] + limits
+
+    def _set_state(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Point the engine at `tensors` (in `_state`'s order) instead of its own."""
+        values = iter(tensors)
+        stacked = self.stacked
+        stacked.embedding = next(values)
+        for block in stacked.hidden:
+            for name in ("weight", "bias", "gamma", "beta", "running_mean", "running_var", "num_batches_tracked"):
+                if getattr(block, name) is not None:
+                    setattr(block, name, next(values))
+        stacked.output_weight = next(values)
+        if stacked.output_bias is not None:
+            stacked.output_bias = next(values)
+        self.optimizer.params = stacked.parameters()
+        for per_param in self.optimizer.buffers:
+            per_param[:] = [next(values) for _ in per_param]
+        self.optimizer.step_count, self.x, self.y = next(values), next(values), next(values)
+        if self.limits is not None:
+            self.limits = next(values)
+
+    def _pure_steps(self, *tensors: torch.Tensor) -> torch.Tensor:
+        """`_steps` on the given state tensors (what the kernel is exported from)."""
+        *state, indices, rates = tensors
+        own = self._state()
+        self._set_state(state)
+        try:
+            return self._steps(indices, rates)
+        finally:
+            self._set_state(own)
 
     # ------------------------------------------------------------------------------------------------- steps
     def _one(self, index: torch.Tensor, rates: torch.Tensor | float) -> torch.Tensor:
@@ -101,22 +172,18 @@ class StackedEngine(Engine):
     def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
         """K steps (indices (K, M, B), rates (K, M)); a call of `steps_per_call` steps runs compiled (compiled on
         first use; if compilation fails, training continues eagerly with a warning)."""
-        if self.num_models == 1 and len(indices) == 1 and self._compiled is None:  # eager, one model: a float rate
+        if self.num_models == 1 and len(indices) == 1:  # one step of one model, eagerly: a float rate
             return self._one(indices[0], float(rates[0, 0])).view(1, 1)
         rates = rates.to(self.device, self.stacked.embedding.dtype)
-        if self._compiled is not None and len(indices) == self.steps_per_call:
+        if self.compiled and len(indices) == self.steps_per_call:
             try:
-                if self._compiled_calls:
-                    return self._compiled(indices, rates)
-                with _quiet_autotuning():  # the first call compiles
-                    losses = self._compiled(indices, rates)
-                self._compiled_calls = True
-                return losses
+                if self._kernel is None:  # the first call compiles
+                    self.compile()
+                return self._kernel(self._state() + [indices.to(self.device), rates])[0]
             except Exception as error:  # no C++ compiler, an unsupported platform...: eager is always right
-                warnings.warn(f"torch.compile failed ({type(error).__name__}: {str(error)[:200]}); "
+                warnings.warn(f"compiling the training steps failed ({type(error).__name__}: {str(error)[:200]}); "
                               "training continues uncompiled", RuntimeWarning, stacklevel=2)
-                self._compiled, self.steps_per_call = None, 1
-                self.stacked.fused_kernels = self.num_models == 1
+                self._kernel, self._build, self.steps_per_call = None, False, 1
         return self._steps(indices, rates)
 
     # ------------------------------------------------------------------------------------------------- state
