@@ -175,13 +175,20 @@ def loadavg() -> str:
 
 
 def verdicts(figures: dict) -> list[dict]:
-    """Each target of one model with its ratio (the paired median of wall time) and whether it is met."""
+    """Each target of one model with its ratio and whether it is met.
+
+    The ratio judged is that of the total CPU times: waiting for a core shared with other work does not count
+    in it, and unlike a median over blocks it counts the recording steps' costs that fall in a few blocks only
+    (batches of statistics, histogram steps: with ``every=100`` most blocks hold none). The paired wall-time
+    median and the range of the per-block CPU ratios come with it.
+    """
     every_step, every_hundred = TARGETS[figures["model"]]
     rows = []
     for variant, limit in (("every 1", every_step), ("every 100", 1 + every_hundred)):
-        ratio = figures[variant]["paired_median_ratio"]
+        ratio = figures[variant]["cpu_ratio"]
         rows.append({"model": figures["model"], "variant": variant, "target": limit, "ratio": ratio,
-                     "range": figures[variant]["paired_range"], "met": ratio <= limit})
+                     "cpu_range": figures[variant]["cpu_paired_range"],
+                     "wall_paired_median": figures[variant]["paired_median_ratio"], "met": ratio <= limit})
     return rows
 
 
@@ -222,10 +229,11 @@ def main() -> None:
             )
     print(f"load average after: {loads[-1]}")
     for row in targets:
-        low, high = row["range"]
+        low, high = row["cpu_range"]
         limit = f"<= {row['target']}x" if row["variant"] == "every 1" else f"<= +{row['target'] - 1:.0%}"
-        print(f"target {row['model']:6} {row['variant']:9} {limit:8}: paired median {row['ratio']:.3f}x "
-              f"[{low:.3f}-{high:.3f}] {'met' if row['met'] else 'UNMET'}")
+        print(f"target {row['model']:6} {row['variant']:9} {limit:8}: CPU time {row['ratio']:.3f}x (blocks "
+              f"{low:.3f}-{high:.3f}; wall paired median {row['wall_paired_median']:.3f}x) "
+              f"{'met' if row['met'] else 'UNMET'}")
     print(json.dumps({"benchmark": "diagnostics_overhead", "threads": args.threads, "loadavg": loads,
                       "targets": targets, "results": results}))
 
