@@ -15,7 +15,7 @@ import torch
 from torch._utils import _flatten_dense_tensors
 
 from normlab.diagnostics import metrics as m
-from normlab.diagnostics.stats import array_sums, saturation_mask, tensor_sums, units_any
+from normlab.diagnostics.stats import array_sums, saturation_mask, tensor_sums, units_all, units_any
 
 HOST_DTYPES = (torch.float32, torch.float64)
 
@@ -108,9 +108,9 @@ def capture_output(
         values = values.numpy()  # a view: numpy's small reductions cost a fraction of torch's
     if bound is not None:
         mask = saturation_mask(values, threshold, bound)
-        output.saturated = mask.sum()
+        output.saturated = np.count_nonzero(mask) if isinstance(mask, np.ndarray) else mask.sum()
         if axis is not None:
-            output.unsaturated = units_any(~mask, axis)
+            output.unsaturated = ~units_all(mask, axis)  # any(~mask), without the negated copy of the mask
     if gate is not None and axis is not None:
         output.fired = units_any(values > 0, axis)
     return output

@@ -44,7 +44,6 @@ from normlab.diagnostics.stats import (
 from normlab.diagnostics.storage import Histogram
 
 CHUNK_ELEMENTS = 1 << 22
-CACHE_ELEMENTS = 1 << 17  # float64 copies summarised together: about 1 MB, within a core's L2 cache
 UPDATE = "update"
 BATCH_KINDS = (m.HIST_ACT, m.HIST_GRAD)  # statistics of the batch, reduced over the processes
 
@@ -209,18 +208,16 @@ def summarise_all(
 ) -> list[StepRecord]:
     """The records of several recording steps, in order.
 
-    Consecutive steps without histograms (in a single process) are summarised together while their copies
-    fit in :data:`CACHE_ELEMENTS` (one pass of numpy over them, warm in the CPU's caches); the others go one by
-    one through :func:`summarise`.
+    Consecutive steps without histograms (in a single process) are summarised together: each group of copies
+    with numpy as in :func:`summarise`, and the moments, the sums taken at once and the scalars of all of them in
+    one pass; the others go one by one through :func:`summarise`. The numbers are the same either way (every
+    operation shared by several steps is elementwise).
     """
     cache = {} if cache is None else cache
     records: list[StepRecord] = []
     together: list[Capture] = []
     for capture in captures:
         if reducer is None and not capture.histograms:
-            if together and sum(c.numel() for c in together) + capture.numel() > CACHE_ELEMENTS:
-                records += _scalar_records(together, saturation_threshold, cache)
-                together = []
             together.append(capture)
             continue
         if together:

@@ -156,6 +156,11 @@ class Monitor:
         self._parameters: list[tuple[str, nn.Parameter]] = []
         self._add_modules(unwrap(model), include, exclude)
         self._parameter_elements = sum(parameter.numel() for _, parameter in self._parameters)
+        # built once: the labels and lengths of the parameters' flat copies (their pieces share these lists)
+        self._tensors = [parameter for _, parameter in self._parameters]
+        self._numels = [parameter.numel() for parameter in self._tensors]
+        self._labels = {kind: [(name, kind) for name, _ in self._parameters]
+                        for kind in (m.HIST_PARAM, m.HIST_PARAM_GRAD, collect.UPDATE)}
         self._optimizer = optimizer
         self._writers = [as_writer(writer) for writer in writers] if self.is_main_process else []
         self._handles: list[RemovableHandle] = []  # module and optimizer hooks, while armed
@@ -165,6 +170,7 @@ class Monitor:
         self._last_axis: tuple[int, int] = (0, LAST_AXIS)  # (dims, unit axis) of the last recorded output
         self._next_order = 0
         self._segment_cache: dict = {}
+        self._snapshots: dict[int, torch.Tensor] = {}  # with every=1: buffers for the parameters before the update
         self._pending: list[Capture] = []  # recording steps captured, not yet summarised
         self._pending_elements = 0
         self._first_pending = 0.0
@@ -359,6 +365,7 @@ class Monitor:
         return diagnostics_html(self.diagnostics)
 
     def _disarm(self) -> None:
+        self._snapshots.clear()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -423,15 +430,12 @@ class Monitor:
             capture.learning_rate = rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
         copied, taken = self._split(capture)
         if copied:
-            capture.values.append(
-                Piece([(n, m.HIST_PARAM) for n, _ in copied], [p.numel() for _, p in copied],
-                      tensor=flatten([p for _, p in copied]))
-            )
-        for name, parameter in taken:
+            capture.values.append(Piece(self._labels[m.HIST_PARAM], self._numels, tensor=flatten(self._tensors)))
+        for index, (name, parameter) in enumerate(taken):
             capture.values.append(Piece([(name, m.HIST_PARAM)], [parameter.numel()],
                                         sums=immediate_sums(parameter)))
             if self._optimizer is not None:
-                capture.snapshots.append(parameter.detach().clone())
+                capture.snapshots.append(self._snapshot(index, parameter))
 
     def _read_gradients(self, capture: Capture) -> None:
         capture.parameters_read = True
@@ -439,7 +443,10 @@ class Monitor:
             return
         copied, taken = self._split(capture)
         with_grad = [(name, p.grad) for name, p in copied if p.grad is not None]
-        if with_grad:
+        if with_grad and len(with_grad) == len(self._parameters) and not any(g.is_sparse for _, g in with_grad):
+            grads = [grad for _, grad in with_grad]  # the common case: labels and lengths as built at the start
+            capture.grads.append(Piece(self._labels[m.HIST_PARAM_GRAD], self._numels, tensor=flatten(grads)))
+        elif with_grad:
             grads = [grad.to_dense() if grad.is_sparse else grad for _, grad in with_grad]
             capture.grads.append(
                 Piece([(n, m.HIST_PARAM_GRAD) for n, _ in with_grad], [g.numel() for g in grads],
@@ -456,6 +463,20 @@ class Monitor:
         if capture is not None and not capture.values:
             self._read_parameters(capture)
 
+    def _snapshot(self, index: int, parameter: nn.Parameter) -> torch.Tensor:
+        """A copy of ``parameter`` before the update. With ``every=1`` the copies of one step are written into
+        the buffers of the last (a large model's parameters are not allocated anew every step); otherwise each
+        recording step allocates its own and frees it after the update is measured."""
+        values = parameter.detach()
+        if self.every > 1:
+            return values.clone()
+        buffer = self._snapshots.get(index)
+        if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype or (
+            buffer.device != values.device
+        ):
+            buffer = self._snapshots[index] = torch.empty_like(values, memory_format=torch.contiguous_format)
+        return buffer.copy_(values)
+
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         # gradients are read here, not before the step: a closure (Lightning, LBFGS) computes them inside it
         capture = self._capture
@@ -465,12 +486,10 @@ class Monitor:
         copied, taken = self._split(capture)
         if copied:
             before = capture.values[0].tensor
-            capture.updates.append(
-                Piece([(n, collect.UPDATE) for n, _ in copied], [p.numel() for _, p in copied],
-                      tensor=flatten([p for _, p in copied]), minus=before)
-            )
+            capture.updates.append(Piece(self._labels[collect.UPDATE], self._numels, tensor=flatten(self._tensors),
+                                         minus=before))
         for (name, parameter), snapshot in zip(taken, capture.snapshots, strict=True):
-            update = parameter.detach() - snapshot
+            update = torch.sub(parameter.detach(), snapshot, out=snapshot)  # the snapshot is not needed again
             capture.updates.append(Piece([(name, collect.UPDATE)], [parameter.numel()],
                                          sums=immediate_sums(update)))
         capture.snapshots.clear()
