@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
-DEFAULT_EVERY = 100
 
 
 def _config(preset: str, args: argparse.Namespace) -> RunConfig:
@@ -90,8 +89,7 @@ def _train_here(args: argparse.Namespace) -> int:
     if args.every is not None and not args.diagnose:
         raise ConfigError("--every is the number of steps between diagnostic recordings: add --diagnose, or drop "
                           "--every")
-    every = DEFAULT_EVERY if args.every is None else args.every
-    options = dict(diagnose=args.diagnose, every=every, calibrate=args.calibrate, progress=not args.quiet,
+    options = dict(diagnose=args.diagnose, every=args.every, calibrate=args.calibrate, progress=not args.quiet,
                    threads=args.threads, notice=_notice, tensorboard=args.tensorboard)
     try:
         if args.resume:

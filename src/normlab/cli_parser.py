@@ -101,7 +101,9 @@ def _train(parser: Parser) -> None:
                              "in all (e.g. to extend a finished run)")
     parser.add_argument("--calibrate", action="store_true", help="recompute BatchNorm statistics at the end")
     parser.add_argument("--diagnose", action="store_true", help="record diagnostics and write report.html")
-    parser.add_argument("--every", type=int, help="steps between diagnostic recordings (default: 100)")
+    parser.add_argument("--every", type=int,
+                        help="steps between diagnostic recordings (default: steps/200, 200 recordings a run; "
+                             "1,000 steps apart for the lesson's 200,000)")
     parser.add_argument("--tensorboard", metavar="DIR",
                         help="stream the losses (and with --diagnose, every recorded statistic) to TensorBoard event "
                              "files in DIR while training runs: tensorboard --logdir DIR (default: none)")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -155,16 +157,49 @@ def plot_all(
     out_dir = Path(out_dir)
     steps = sorted({step for values in diagnostics.histograms.values() for step in values})
     snapshots = sorted({steps[0], steps[-1]}) if steps else []
-    paths: list[Path | None] = []
+    tasks: list[tuple[Callable[..., Any], tuple]] = []
     for name, plot in (
         ("activations", plot_activation_distributions),
         ("gradients", plot_gradient_distributions),
         ("weight_gradients", plot_weight_gradient_distributions),
     ):
-        paths += [plot(diagnostics, out_dir / f"{name}_step{step}.png", step) for step in snapshots]
-    paths.append(plot_update_to_data(diagnostics, out_dir / "update_to_data.png"))
-    paths.append(plot_loss(diagnostics, out_dir / "loss.png", metrics_rows))
-    paths.append(plot_gradient_norms(diagnostics, out_dir / "gradient_norms.png"))
-    paths.append(plot_saturation(diagnostics, out_dir / "saturation.png"))
-    paths += plot_activation_heatmaps(diagnostics, out_dir)
+        tasks += [(plot, (diagnostics, out_dir / f"{name}_step{step}.png", step)) for step in snapshots]
+    tasks += [
+        (plot_update_to_data, (diagnostics, out_dir / "update_to_data.png")),
+        (plot_loss, (diagnostics, out_dir / "loss.png", metrics_rows)),
+        (plot_gradient_norms, (diagnostics, out_dir / "gradient_norms.png")),
+        (plot_saturation, (diagnostics, out_dir / "saturation.png")),
+        (plot_activation_heatmaps, (diagnostics, out_dir)),
+    ]
+    paths: list[Path | None] = []
+    for result in _draw(tasks):
+        paths += result if isinstance(result, list) else [result]
     return [path for path in paths if path is not None]
+
+
+_TASKS: list[tuple[Callable[..., Any], tuple]] = []
+
+
+def _draw_one(index: int) -> Any:
+    function, args = _TASKS[index]
+    return function(*args)
+
+
+def _draw(tasks: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
+    """Run the drawing `tasks` (function, arguments) and return their results in order; on a machine with several
+    cores, over two forked processes (they inherit the data, nothing is pickled but the results): matplotlib's
+    text layout and PNG encoding are CPU work that a second core halves. The last task (the heat maps, the
+    longest) starts first. Serially where fork is not available."""
+    global _TASKS
+    if len(tasks) < 3 or (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
+        return [function(*args) for function, args in tasks]
+    import matplotlib.figure  # noqa: F401  (imported once, before the fork, not in each child)
+
+    _TASKS = tasks
+    try:
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            order = [len(tasks) - 1, *range(len(tasks) - 1)]
+            results = dict(zip(order, pool.map(_draw_one, order, chunksize=1)))
+        return [results[index] for index in range(len(tasks))]
+    finally:
+        _TASKS = []

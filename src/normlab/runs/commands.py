@@ -29,6 +29,9 @@ from normlab.sample import Diversity, Samples, diversity, sample_words
 from normlab.training import LoopEvents, calibrate_batchnorm, choose_engine, create_engine, evaluate, train_loop
 from normlab.training.threads import threads_for, torch_threads, work_per_step
 
+# Diagnostic recordings in a run when --every is not given: enough for every plot, few enough that recording
+# costs a small part of a compiled run (the lesson's 200,000 steps: every 1,000 steps).
+RECORDINGS_PER_RUN = 200
 COMPILING = ("compiling the training steps (once for this configuration, ~30 s; cached on disk afterwards, "
              "`normlab compile` prepares them ahead)")
 
@@ -86,14 +89,15 @@ class TrainOutcome:
 
 @dataclass
 class TrainOptions:
-    """How to train, beside the run's config: diagnostics every `every` steps, BatchNorm calibration at the end,
+    """How to train, beside the run's config: diagnostics every `every` steps (None: `RECORDINGS_PER_RUN`
+    recordings spread over the run), BatchNorm calibration at the end,
     a progress bar, torch threads (None: one for lesson-sized work, see `normlab.training.threads`),
     `notice`, called with a line for the user before training starts (the engine that records diagnostics,
     a compilation about to take a while), and `tensorboard`, a folder where TensorBoard event files follow
     training as it runs (`tensorboard --logdir DIR`)."""
 
     diagnose: bool = False
-    every: int = 100
+    every: int | None = None
     calibrate: bool = False
     progress: bool = True
     threads: int | None = None
@@ -102,7 +106,7 @@ class TrainOptions:
 
     def validate(self) -> None:
         """`ConfigError` for a value that cannot work."""
-        if self.every < 1:
+        if self.every is not None and self.every < 1:
             raise ConfigError(f"--every must be at least 1 (steps between diagnostic recordings), got {self.every}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
@@ -201,8 +205,9 @@ def _train_and_finish(run: RunDir, splits: Splits, saved: tuple[dict, dict] | No
                                optimizer_states=None if saved is None else [saved[1]], step=start_step)
         writer = _tensorboard_writer(options.tensorboard) if main else None
         if options.diagnose:
-            engine.attach_monitors(options.every, writers=[writer] if writer is not None else [])
-            _notify(options, f"recording diagnostics every {options.every} steps on the {name} engine"
+            every = options.every or max(1, train.steps // RECORDINGS_PER_RUN)
+            engine.attach_monitors(every, writers=[writer] if writer is not None else [])
+            _notify(options, f"recording diagnostics every {every} steps on the {name} engine"
                     + (" (each recording step runs on a reference copy of the model under the monitor: slower "
                        "than training alone)" if name == "stacked" else ""))
         if options.progress and getattr(engine, "compiling", False):
