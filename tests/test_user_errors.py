@@ -192,6 +192,8 @@ def test_inspect_refuses_batches_it_cannot_use(words_file, capsys, batch, preset
     (["eval", "RUN", "--split", "val", "--data", "x.txt"], "give one"),
     (["train", "--out", "x", "--data", "a.txt", "--set", "data.path=b.txt"], "--data and --set data.path"),
     (["train", "--out", "x", "--resume", "--set", "lr=0.1"], "only --set steps=N"),
+    (["compile", "--threads", "0"], "--threads must be at least 1"),
+    (["compile", "--preset", "lesson-batchnorm", "--set", "n_hidden=0"], "n_hidden"),
 ])
 def test_bad_command_lines_are_one_line(tmp_path, monkeypatch, capsys, args, message):
     monkeypatch.chdir(tmp_path)

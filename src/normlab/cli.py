@@ -204,6 +204,8 @@ def _compile(args: argparse.Namespace) -> int:
     from normlab.config import PRESETS
     from normlab.runs.commands import compile_steps
 
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads must be at least 1, got {args.threads}")
     names = args.preset or list(PRESETS)
     configs = {name: _config(name, args) for name in names}  # every preset and setting checked before compiling
     failed = False
