@@ -176,7 +176,7 @@ class StackedEngine(Engine):
     def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
         """K steps (indices (K, M, B), rates (K, M)); a call of `steps_per_call` steps runs compiled (compiled on
         first use; if compilation fails, training continues eagerly with a warning)."""
-        if self.num_models == 1 and len(indices) == 1:  # one step of one model, eagerly: a float rate
+        if self.num_models == 1 and indices.shape[0] == 1:  # one step of one model, eagerly: a float rate
             if self._single_ok:
                 single = self._single
                 if single is None or not single.valid_for(self.stacked):

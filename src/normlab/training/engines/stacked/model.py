@@ -88,9 +88,10 @@ class SingleModelSGD:
     within float rounding, but on 2-D views of the stacked tensors made once here (no per-step views, shapes or
     branches), with torch's fused kernels (batch norm, tanh and their backwards, nll loss), and with every update
     written straight into the parameters: W −= lr·xᵀ·dh is one `addmm_`, the output bias's update is one `addmm_`
-    of the gradient's sums over the batch (dᵀ·1), the embedding's one `index_add_`. The softmax gradient
-    p − onehot is not divided by the batch size B: the backward is linear in it, so every update takes −lr/B
-    instead (exact when B is a power of two).
+    of the gradient's sums over the batch (dᵀ·1), the embedding's one `index_add_`. The backward is linear in
+    the softmax gradient (p − onehot)/B, so it starts from −lr·(p − onehot)/B: every "gradient" below is
+    already −lr times the gradient, the update itself, and no update takes a factor (an `alpha`, which costs
+    index_add_ an extra pass).
 
     The views stay valid while the model's tensors are the ones it was built from (`valid_for`: they are only
     ever replaced all together, by the engine's `_set_state`); the engine rebuilds it otherwise. Supports the mlp and the wavenet with no norm or BatchNorm, tanh or relu
@@ -169,12 +170,12 @@ class SingleModelSGD:
         loss = torch._C._nn.nll_loss(log_probs, targets, None, 1, -100)  # the mean over the batch
         batch = logits.shape[0]
         ones, minus_ones = self._ones_and_minus_ones(batch, logits.dtype)
-        d_logits = log_probs.exp_().scatter_add_(1, targets.view(-1, 1), minus_ones)  # B × the gradient
-        rate = -lr / batch
+        # −lr × d(mean cross-entropy)/d logits = −lr/B · (softmax − onehot)
+        d_logits = log_probs.exp_().scatter_add_(1, targets.view(-1, 1), minus_ones).mul_(-lr / batch)
         d_x = torch.mm(d_logits, self.output_weight)  # (B, H), before the weight's update
-        self.output_weight.addmm_(d_logits.t(), x, alpha=rate)
+        self.output_weight.addmm_(d_logits.t(), x)
         if self.output_bias is not None:
-            self.output_bias[1].addmm_(d_logits.t(), ones, alpha=rate)  # the sums over the batch, as a product
+            self.output_bias[1].addmm_(d_logits.t(), ones)  # the sums over the batch, as a product
         for (weight, weight_t, _, unmerge, bias, norm), (x_in, stats, out) in zip(reversed(self.layers),
                                                                                 reversed(saved)):
             if self.tanh:
@@ -186,15 +187,15 @@ class SingleModelSGD:
                 h, mean, invstd = stats
                 d_h, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward.default(
                     d_h, h, gamma, running_mean, running_var, mean, invstd, True, self.eps, [True, True, True])
-                torch._foreach_add_((gamma, beta), (d_gamma, d_beta), alpha=rate)
+                torch._foreach_add_((gamma, beta), (d_gamma, d_beta))
             if bias is not None:
                 rows_in = d_h.shape[0]
-                bias[1].addmm_(self._ones_and_minus_ones(rows_in, d_h.dtype)[0].t(), d_h, alpha=rate)
+                bias[1].addmm_(self._ones_and_minus_ones(rows_in, d_h.dtype)[0].t(), d_h)
             d_x = torch.mm(d_h, weight_t)  # (R, in), before the weight's update
-            weight.addmm_(x_in.t(), d_h, alpha=rate)
+            weight.addmm_(x_in.t(), d_h)
             if unmerge is not None:
                 d_x = d_x.view(-1, unmerge)
-        self.table.index_add_(0, rows, d_x, alpha=rate)
+        self.table.index_add_(0, rows, d_x)
         return loss
 
 
