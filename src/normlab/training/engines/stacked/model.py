@@ -94,8 +94,8 @@ class SingleModelSGD:
     index_add_ an extra pass).
 
     The views stay valid while the model's tensors are the ones it was built from (`valid_for`: they are only
-    ever replaced all together, by the engine's `_set_state`); the engine rebuilds it otherwise. Supports the mlp and the wavenet with no norm or BatchNorm, tanh or relu
-    (`supports`); other norms take the general path.
+    ever replaced all together, by the engine's `_set_state`); the engine rebuilds it otherwise. Supports the mlp
+    and the wavenet with no norm or BatchNorm, tanh or relu (`supports`); other norms take the general path.
     """
 
     def __init__(self, model: StackedMLP) -> None:
@@ -144,7 +144,13 @@ class SingleModelSGD:
         return cached
 
     def step(self, contexts: torch.Tensor, targets: torch.Tensor, lr: float) -> torch.Tensor:
-        """Train one step on contexts (B, T) and targets (B,); the mean cross-entropy (a 0-dim tensor) before it."""
+        """Train one step on contexts (B, T) and targets (B,); the mean cross-entropy (a 0-dim tensor) before it.
+        Runs in inference mode (no autograd bookkeeping at all: ~10% of the step's time); the model's tensors stay
+        normal tensors, updated in place, and the loss is an inference tensor (to read or copy, not to update)."""
+        with torch._C._InferenceMode(True):  # torch.inference_mode() without its Python wrapper
+            return self._step(contexts, targets, lr)
+
+    def _step(self, contexts: torch.Tensor, targets: torch.Tensor, lr: float) -> torch.Tensor:
         rows = contexts.view(-1)
         x = self.table.index_select(0, rows)  # (B·T, E)
         saved = []
