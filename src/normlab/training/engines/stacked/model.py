@@ -110,9 +110,9 @@ class SingleModelSGD:
             unmerge = None if weight.shape[0] == width else width
             width = weight.shape[1]
             norm = None
-            if block.running_mean is not None:  # BatchNorm: weight, bias, running mean and var (H,), the count
+            if block.running_mean is not None:  # BatchNorm: weight, bias, running mean and var (H,)
                 norm = (block.gamma.view(-1), block.beta.view(-1), block.running_mean.view(-1),
-                        block.running_var.view(-1), block.num_batches_tracked)
+                        block.running_var.view(-1))
             bias = None if block.bias is None else (block.bias.view(-1), block.bias[0])  # (H,) and (1, H)
             self.layers.append((weight, weight.t(), weight.shape[0], unmerge, bias, norm))
         self.tanh = model.activation == "tanh"
@@ -123,6 +123,7 @@ class SingleModelSGD:
         if model.output_bias is not None:
             self.output_bias = (model.output_bias.view(-1), model.output_bias[0])  # (V,) and (V, 1)
         self._constants: dict[tuple[int, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.model, self.counts = model, model.norm == "batch"  # each step adds 1 to every num_batches_tracked
 
     @staticmethod
     def supports(model: StackedMLP) -> bool:
@@ -154,16 +155,17 @@ class SingleModelSGD:
         rows = contexts.view(-1)
         x = self.table.index_select(0, rows)  # (B·T, E)
         saved = []
+        if self.counts:  # added to the tensors when they are next read (`StackedMLP.count_batches`)
+            self.model.uncounted_batches += 1
         for weight, _, fan_in, _, bias, norm in self.layers:
             x = x.view(-1, fan_in)  # (R, in): the wavenet merges pairs of rows
             h = torch.mm(x, weight) if bias is None else torch.addmm(bias[0], x, weight)
             if norm is None:
                 y, stats = h, None
             else:
-                gamma, beta, running_mean, running_var, count = norm
+                gamma, beta, running_mean, running_var = norm
                 y, mean, invstd = torch.native_batch_norm(h, gamma, beta, running_mean, running_var, True,
                                                           self.momentum, self.eps)
-                count.add_(1)
                 stats = (h, mean, invstd)
             out = torch.tanh(y) if self.tanh else torch.relu(y)
             saved.append((x, stats, out))
@@ -189,7 +191,7 @@ class SingleModelSGD:
             else:
                 d_h = torch.ops.aten.threshold_backward.default(d_x, out, 0)
             if norm is not None:
-                gamma, beta, running_mean, running_var, _ = norm
+                gamma, beta, running_mean, running_var = norm
                 h, mean, invstd = stats
                 d_h, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward.default(
                     d_h, h, gamma, running_mean, running_var, mean, invstd, True, self.eps, [True, True, True])
@@ -231,6 +233,9 @@ class StackedMLP:
         # One model, uncompiled: torch's own fused kernels for tanh and batch norm (one call each way instead of
         # a dozen small ones; the written-out formulas below stay the specification, and compiled code fuses them)
         self.fused_kernels = False
+        # Training batches seen by the batch norms but not yet added to their num_batches_tracked (`SingleModelSGD`
+        # counts in Python, not with a tensor operation per step): added whenever the tensors are read
+        self.uncounted_batches = 0
 
     # ----------------------------------------------------------------------------------------------- building
     @classmethod
@@ -263,8 +268,17 @@ class StackedMLP:
         output_bias = params.pop(0) if first.output_bias else None
         return cls(configs, embedding, hidden, output_weight, output_bias, vocab_size)
 
+    def count_batches(self) -> None:
+        """Add the training batches counted in Python (`uncounted_batches`) to every num_batches_tracked."""
+        if self.uncounted_batches:
+            for block in self.hidden:
+                if block.num_batches_tracked is not None:
+                    block.num_batches_tracked.add_(self.uncounted_batches)
+            self.uncounted_batches = 0
+
     def tensors(self) -> list[torch.Tensor]:
-        """Every stacked tensor, in the order of a model's `state_dict()` (see `layout.state_layout`)."""
+        """Every stacked tensor, in the order of a model's `state_dict()` (see `layout.state_layout`), up to date."""
+        self.count_batches()
         out = [self.embedding]
         for block in self.hidden:
             out += [t for t in (block.weight, block.bias, block.gamma, block.beta, block.running_mean,
@@ -361,6 +375,8 @@ class StackedMLP:
     def _forward(self, contexts: torch.Tensor | None, training: bool, rows: torch.Tensor | None
                  ) -> tuple[torch.Tensor, list]:
         rows = self.rows(contexts) if rows is None else rows
+        if self.uncounted_batches:
+            self.count_batches()
         x = self._embed(rows)
         saved = [(None, x)]  # (what the norm's backward needs, the block's output) per block, the embedding first
         for block in self.hidden:
