@@ -72,6 +72,29 @@ def test_stacked_norms_follow_their_reference_runs(preset, norm):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
 
 
+@pytest.mark.parametrize("preset, changes, batch_size", [
+    ("lesson-batchnorm", {}, 16),
+    ("lesson-batchnorm", {"activation": "relu", "n_layers": 2}, 12),  # 1/B is not a power of two
+    ("lesson-kaiming", {"output_bias": False}, 16),  # no norm: hidden biases
+    ("lesson-kaiming", {"hidden_bias": False, "activation": "relu"}, 16),
+    ("wavenet", {}, 16),
+])
+def test_one_model_with_plain_sgd_takes_the_single_model_step_and_follows_its_reference_run(preset, changes,
+                                                                                            batch_size):
+    """One model, plain SGD, uncompiled: `SingleModelSGD` (2-D views, fused kernels, updates folded into the
+    products) gives the reference engine's weights, buffers and losses within float64 rounding."""
+    model = dataclasses.replace(get_preset(preset).model, n_hidden=24, **changes)
+    data = (random_examples(800, 0, model.block_size), random_examples(200, 1, model.block_size))
+    config = dataclasses.replace(BASE, batch_size=batch_size, compile=False)
+    stacked, logged = _train([model], [dataclasses.replace(config, engine="stacked")], data=data)
+    assert stacked._single is not None  # the dedicated step ran
+    reference, rows = _train([model], [dataclasses.replace(config, engine="reference")], data=data)
+    for (name, a), b in zip(reference.model_state(0).items(), stacked.model_state(0).values()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-10, msg=name)
+    for row, other in zip(rows[0], logged[0]):
+        assert row["train_loss"] == pytest.approx(other["train_loss"], rel=1e-9)
+
+
 @pytest.mark.parametrize("norm", ["none", "batch", "layer", "rms"])
 def test_stacked_diagnostics_equal_the_reference_engines_in_float64(norm):
     """The Monitor's statistics on the stacked engine (twins) equal those recorded on the reference engine."""

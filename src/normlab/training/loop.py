@@ -102,7 +102,7 @@ class LossWindow:
     def record(self, step: int, losses: torch.Tensor) -> None:
         """Store the losses (K, M) of the K steps from `step` (within one window)."""
         start = step % SYNC_EVERY
-        self.values[start:start + losses.shape[0]].copy_(losses)
+        self.values[start:start + losses.shape[0]] = losses  # one call: the slice and its copy
 
     def agree(self, engine: Engine, last: int, stop: bool) -> bool:
         """Replace the losses up to step `last` by those the engine's processes agree on (`Engine.agree`); whether
@@ -139,7 +139,9 @@ def check_lockstep(configs: Sequence[TrainConfig]) -> None:
 
 
 class _Batches:
-    """The batch indices (M, L, B) and learning rates (L, M) of the current batch table, drawn table by table."""
+    """The batch indices (M, L, B) and learning rates (L, M) of the current batch table, drawn table by table;
+    `steps` (L, M, B) and `rates` slice into what `Engine.run_steps` takes, and `single(k)` gives step k's alone
+    (made for the whole table in one call on first use: one-step calls then slice nothing)."""
 
     def __init__(self, configs: Sequence[TrainConfig], num_examples: int, device: torch.device) -> None:
         self.configs, self.num_examples, self.device = configs, num_examples, device
@@ -164,7 +166,16 @@ class _Batches:
             for models in self.schedules:
                 rates[:, models] = learning_rates([self.configs[models[0]]], start, self.length)
             self.rates = rates
+            self.steps = self.indices.transpose(0, 1)  # (L, M, B)
+            self._single: tuple[Sequence[torch.Tensor], Sequence[torch.Tensor]] | None = None
         return step % self.length
+
+    def single(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The indices (1, M, B) and rates (1, M) of step k of the current table."""
+        if self._single is None:
+            # unbind makes views 4x faster than split(1)
+            self._single = (self.steps.unsqueeze(1).unbind(0), self.rates.unsqueeze(1).unbind(0))
+        return self._single[0][k], self._single[1][k]
 
 
 def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, val_xy: Split, *,
@@ -199,6 +210,8 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
 
     def call_size(step: int, k: int) -> int:  # steps_per_call when no event falls inside the call, else 1
         size = engine.steps_per_call
+        if size == 1:
+            return 1
         fits = k + size <= batches.length and step + size <= first.steps
         return size if fits and not any(event_after(d) for d in range(step + 1, step + size)) else 1
 
@@ -211,7 +224,10 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
                 losses = engine.record_step(step, batches.indices[:, k], batches.rates[k])
             if losses is None:
                 size = call_size(step, k)
-                losses = engine.run_steps(batches.indices[:, k:k + size].transpose(0, 1), batches.rates[k:k + size])
+                if size == 1:
+                    losses = engine.run_steps(*batches.single(k))
+                else:
+                    losses = engine.run_steps(batches.steps[k:k + size], batches.rates[k:k + size])
             window.record(step, losses)
             step += size
             done = step

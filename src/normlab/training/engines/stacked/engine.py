@@ -23,7 +23,7 @@ from normlab.config import ModelConfig, TrainConfig
 from normlab.model import LanguageModel, build_model
 from normlab.training.engines import Engine, Split
 from normlab.training.engines.stacked.kernels import Kernel, build_kernel, kernel_key, load_kernel
-from normlab.training.engines.stacked.model import StackedMLP
+from normlab.training.engines.stacked.model import SingleModelSGD, StackedMLP
 from normlab.training.engines.stacked.optim import StackedOptimizer
 from normlab.training.threads import work_per_step
 
@@ -80,6 +80,10 @@ class StackedEngine(Engine):
         if self.compiled:
             self.steps_per_call = STEPS_PER_CALL
         self.stacked.fused_kernels = self.num_models == 1  # for the uncompiled calls
+        # One model with plain SGD, eagerly: a dedicated step on 2-D views made once (`SingleModelSGD`)
+        self._single: SingleModelSGD | None = None
+        self._single_ok = (self.limits is None and self.optimizer.takes_factored_gradients
+                           and SingleModelSGD.supports(self.stacked))
         self.monitors: list[Any] = []
         self._twins: list[tuple[LanguageModel, torch.optim.Optimizer]] = []
 
@@ -172,7 +176,14 @@ class StackedEngine(Engine):
     def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
         """K steps (indices (K, M, B), rates (K, M)); a call of `steps_per_call` steps runs compiled (compiled on
         first use; if compilation fails, training continues eagerly with a warning)."""
-        if self.num_models == 1 and len(indices) == 1:  # one step of one model, eagerly: a float rate
+        if self.num_models == 1 and indices.shape[0] == 1:  # one step of one model, eagerly: a float rate
+            if self._single_ok:
+                single = self._single
+                if single is None or not single.valid_for(self.stacked):
+                    single = self._single = SingleModelSGD(self.stacked)
+                index = indices.view(-1)
+                return single.step(self.x.index_select(0, index), self.y.index_select(0, index),
+                                   rates.item()).view(1, 1)
             return self._one(indices[0], float(rates[0, 0])).view(1, 1)
         rates = rates.to(self.device, self.stacked.embedding.dtype)
         if self.compiled and len(indices) == self.steps_per_call:
