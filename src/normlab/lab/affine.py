@@ -7,7 +7,8 @@ calibrated population statistics. The representation check sets γ = √(σ²_B 
 and compares its train-mode output on a batch with its input, in float64.
 
 Budget (the runs without γ/β take the reference loop): tiny 2 x 2 runs x 300 steps; quick 2 x 3 runs x 3,000 steps
-(about 10 s on 2 cores); full 2 x 5 runs x 20,000 steps (about 30 s).
+(about 10 s on 2 cores); full 2 x 5 runs x 3,000 steps
+(quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class Settings:
     calibration_examples: int | None
 
 
-SETTINGS = {"tiny": Settings(300, 2, 20_000), "quick": Settings(3_000, 3, None), "full": Settings(20_000, 5, None)}
+SETTINGS = {"tiny": Settings(300, 2, 20_000), "quick": Settings(3_000, 3, None), "full": Settings(3_000, 5, None)}
 FINAL_EXAMPLES = 1_000  # the sweep's final losses are not used here: the val losses use calibrated statistics
 
 

@@ -5,7 +5,8 @@ examples records, for each Tanh, the std of its output, the std of the gradient 
 saturated outputs (|t| > 0.97), with `normlab.diagnostics.inspect_model`.
 
 Budget (no training; 8 models, one pass each): tiny 20 layers of 64 on 256 examples; quick 50 layers of 200 on
-1,000 examples (about 4 s on 2 cores, with the figure); full 50 layers of 200 on 4,096 examples (about 20 s).
+1,000 examples (about 4 s on 2 cores, with the figure); full 50 layers of 200 on 1,024
+examples (quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class Settings:
     examples: int
 
 
-SETTINGS = {"tiny": Settings(20, 64, 256), "quick": Settings(50, 200, 1_000), "full": Settings(50, 200, 4_096)}
+SETTINGS = {"tiny": Settings(20, 64, 256), "quick": Settings(50, 200, 1_000), "full": Settings(50, 200, 1_024)}
 
 
 def budget(settings: Settings) -> str:

@@ -6,8 +6,8 @@ activation's gain (5/3 for tanh, √2 for ReLU). Hidden Linears have no bias; th
 averaged geometrically over a few seeds (one forward and backward pass each, `inspect_model`).
 
 Budget (no training; 6 schemes x activations, a few seeds each): tiny 10 layers of 200 on 256 examples, 2
-seeds; quick 20 layers of 200 on 1,000 examples, 4 seeds (about 5 s on 2 cores); full the same on 4,096 examples,
-8 seeds (about 20 s).
+seeds; quick 20 layers of 200 on 1,000 examples, 4 seeds (about 5 s on 2 cores); full the same on 1,024 examples,
+4 seeds (quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(10, 200, 256, 2), "quick": Settings(20, 200, 1_000, 4),
-            "full": Settings(20, 200, 4_096, 8)}
+            "full": Settings(20, 200, 1_024, 4)}
 
 
 def budget(settings: Settings) -> str:

@@ -8,7 +8,7 @@ std and log(running std / population std), the population being the BatchNorm in
 (a fixed subset in quick mode).
 
 Budget (7 runs in one stacked group): tiny 7 x 400 steps; quick 7 x 4,000 steps (about 5 s on 2 cores); full
-7 x 40,000 steps (about 20 s).
+7 x 4,000 steps (quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(400, 5_000, 2_000), "quick": Settings(4_000, 50_000, 20_000),
-            "full": Settings(40_000, None, None)}
+            "full": Settings(4_000, None, None)}
 
 
 def budget(settings: Settings) -> str:

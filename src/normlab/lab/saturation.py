@@ -7,7 +7,8 @@ dead = share of ReLU units that are not positive for any example of the batch (`
 Training uses a constant learning rate, with snapshots every tenth of the run.
 
 Budget (plus 14 models inspected at initialisation): tiny 10 runs x 300 steps; quick 10 runs x 3,000 steps (about
-4 s on 2 cores); full 10 runs x 20,000 steps (about 30 s).
+4 s on 2 cores); full 10 runs x 5,000 steps
+(quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(300, 500, 2_000), "quick": Settings(3_000, 2_000, 20_000),
-            "full": Settings(20_000, 5_000, None)}
+            "full": Settings(5_000, 5_000, None)}
 
 
 def budget(settings: Settings) -> str:

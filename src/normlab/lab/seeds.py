@@ -5,7 +5,8 @@ The lesson's MLP (one hidden layer of 200, Kaiming init) with each norm after it
 lesson's SGD recipe; a seed sets both the initial weights and the batches.
 
 Budget (5 stacked groups): tiny 5 norms x 3 seeds x 300 steps; quick 5 x 5 x 3,000 steps (about 12 s on 2
-cores); full 5 x 10 x 50,000 steps (about 90 s).
+cores); full 5 x 5 x 5,000 steps
+(quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(300, 3, 2_000), "quick": Settings(3_000, 5, 20_000),
-            "full": Settings(50_000, 10, None)}
+            "full": Settings(5_000, 5, None)}
 
 
 def budget(settings: Settings) -> str:

@@ -6,7 +6,7 @@ val split for several seeds, and one run of each is trained to show the "hockey 
 confidently wrong start costs.
 
 Budget: tiny 3 seeds, 2 runs x 300 steps; quick 5 seeds, 2 runs x 3,000 steps (about 1 s on 2 cores); full 10
-seeds, 2 runs x 30,000 steps (about 5 s).
+seeds, 2 runs x 10,000 steps (quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Settings:
 
 
 SETTINGS = {"tiny": Settings(3, 300, 500, 2_000), "quick": Settings(5, 3_000, 2_000, 20_000),
-            "full": Settings(10, 30_000, 5_000, None)}
+            "full": Settings(10, 10_000, 5_000, None)}
 
 
 def budget(settings: Settings) -> str:

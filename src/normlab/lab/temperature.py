@@ -5,7 +5,8 @@ One `lesson-kaiming` model is trained, then the same number of words is sampled 
 seed each time). The entropy is the mean entropy (nats) of the distributions each character was drawn from.
 
 Budget: tiny 1 run x 500 steps, 200 words per temperature; quick 1 run x 5,000 steps, 1,000 words (about 1 s on
-2 cores); full 1 run x 50,000 steps, 5,000 words (about 5 s).
+2 cores); full 1 run x 10,000 steps, 5,000 words
+(quiet 2-core time: the README's lab table).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Settings:
     words: int
 
 
-SETTINGS = {"tiny": Settings(500, 200), "quick": Settings(5_000, 1_000), "full": Settings(50_000, 5_000)}
+SETTINGS = {"tiny": Settings(500, 200), "quick": Settings(5_000, 1_000), "full": Settings(10_000, 5_000)}
 FINAL_EXAMPLES = 1_000  # the sweep's final losses are not used here
 
 
