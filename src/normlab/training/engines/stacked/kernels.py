@@ -118,7 +118,9 @@ def build_kernel(key: str, function: Callable[..., torch.Tensor], inputs: Sequen
     handle, temporary = tempfile.mkstemp(suffix=".pt2", prefix=f".{key}.", dir=directory)
     os.close(handle)
     try:
-        torch._inductor.aoti_compile_and_package(program, package_path=temporary, inductor_configs=options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=temporary, inductor_configs=options)
         os.chmod(temporary, 0o666 & ~umask())  # as any file the user creates (mkstemp's is private)
         os.replace(temporary, directory / f"{key}.pt2")
     finally:
