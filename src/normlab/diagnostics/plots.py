@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -177,29 +176,9 @@ def plot_all(
     return [path for path in paths if path is not None]
 
 
-_TASKS: list[tuple[Callable[..., Any], tuple]] = []
-
-
-def _draw_one(index: int) -> Any:
-    function, args = _TASKS[index]
-    return function(*args)
-
 
 def _draw(tasks: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
-    """Run the drawing `tasks` (function, arguments) and return their results in order; on a machine with several
-    cores, over two forked processes (they inherit the data, nothing is pickled but the results): matplotlib's
-    text layout and PNG encoding are CPU work that a second core halves. The last task (the heat maps, the
-    longest) starts first. Serially where fork is not available."""
-    global _TASKS
-    if len(tasks) < 3 or (os.cpu_count() or 1) < 2 or "fork" not in multiprocessing.get_all_start_methods():
-        return [function(*args) for function, args in tasks]
-    import matplotlib.figure  # noqa: F401  (imported once, before the fork, not in each child)
-
-    _TASKS = tasks
-    try:
-        with multiprocessing.get_context("fork").Pool(2) as pool:
-            order = [len(tasks) - 1, *range(len(tasks) - 1)]
-            results = dict(zip(order, pool.map(_draw_one, order, chunksize=1)))
-        return [results[index] for index in range(len(tasks))]
-    finally:
-        _TASKS = []
+    """Run the drawing `tasks` (function, arguments) and return their results in order. (Drawing them in forked
+    processes was tried: a fork of a process that holds other threads, e.g. a wandb or TensorBoard writer's, could
+    hang the pool.)"""
+    return [function(*args) for function, args in tasks]
