@@ -14,7 +14,8 @@ with the BatchNorm momentum at torch's 0.1, so that the running statistics follo
 
 Budget (one launch per rank count above 1, every norm trained in it): tiny 4 norms x ranks 1, 2 x 100 steps; quick
 4 x ranks 1, 4 x 300 steps; full 4 x ranks 1, 4 x 600 steps (global batch 16: per-rank 16 and 4; 2 ranks would
-halve the per-rank batch only, which the rule's 1.5x growth of the error cannot reliably see). Four ranks on this project's 2 cores are oversubscribed: slower, never different in result.
+halve the per-rank batch only, which the rule's 1.5x growth of the error cannot reliably see). Four ranks on this
+project's 2 cores are oversubscribed: slower, never different in result.
 """
 
 from __future__ import annotations

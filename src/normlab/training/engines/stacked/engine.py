@@ -11,10 +11,9 @@ under a `Monitor`, so every statistic, update:data included, is the reference en
 
 from __future__ import annotations
 
-import contextlib
 import math
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,13 +30,10 @@ STEPS_PER_CALL = 10  # steps per compiled call (measured best on 2 cores); divid
 # Compile when a run's work (steps × models × batch × width) is at least this: about a minute of eager steps on
 # 2 cores, enough to repay the ~20 s compilation (the lesson's recipe is 1.3e9; the `fast` preset, 2.6e8, is not).
 COMPILE_MIN_WORK = 6e8
-AUTOTUNE_MIN_WORK = 2**17  # per step; above it (32 lesson models and up) inductor's autotuning of stacks pays
-COMPILE_OPTIONS = {"cpp_wrapper": True}  # kernels called from C++, not Python: less overhead per step
-# For large stacks, let inductor time its own C++ matrix-product templates against ATen's and keep the faster:
-# measured here, +7% steps/s for 32 lesson models at the price of ~20 s more compilation. Not for one model:
-# there its choice lost (one lesson model at batch 2,048: 0.34x the plain loop autotuned, 4.5x without).
-AUTOTUNE_OPTIONS = {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                    "max_autotune_report_choices_stats": False}
+# Inductor's options for the kernels. No autotuning (max_autotune): its choice of matrix-product templates lost
+# here, for one lesson model at batch 2,048 (0.34x the plain loop, 4.5x without) and for 32 lesson models (1,040
+# against 1,120 lockstep steps/s), and it doubles the compilation.
+COMPILE_OPTIONS: dict[str, object] = {}
 
 
 def should_compile(config: TrainConfig, work: int) -> bool:
@@ -68,8 +64,7 @@ class StackedEngine(Engine):
             self.limits = torch.tensor([math.inf if c.grad_clip is None else c.grad_clip for c in trains],
                                        dtype=self.stacked.embedding.dtype, device=self.device)
         work = work_per_step(models, trains[0].batch_size)
-        autotune = self.num_models > 1 and work > AUTOTUNE_MIN_WORK
-        self._options = COMPILE_OPTIONS | (AUTOTUNE_OPTIONS if autotune else {})
+        self._options = dict(COMPILE_OPTIONS)
         self._kernel: Kernel | None = None
         self._key = kernel_key(models, trains[0], self.stacked.embedding.dtype, self.x.shape[1], vocab_size,
                                STEPS_PER_CALL, self._options)
@@ -113,9 +108,7 @@ class StackedEngine(Engine):
         fused = self.stacked.fused_kernels
         self.stacked.fused_kernels = False  # compiled code fuses the written-out formulas itself
         try:
-            with _quiet_autotuning():
-                self._kernel = build_kernel(self._key, self._pure_steps, copies + [indices, rates], dynamic,
-                                            self._options)
+            self._kernel = build_kernel(self._key, self._pure_steps, copies + [indices, rates], dynamic, self._options)
         finally:
             self.stacked.fused_kernels = fused
         self._build = False
@@ -283,16 +276,3 @@ def _clip_per_model(grads: list[torch.Tensor], limits: torch.Tensor) -> None:
     coef = (limits / (squares.sqrt() + 1e-6)).clamp(max=1.0)
     for grad in grads:
         grad.mul_(coef.view((-1,) + (1,) * (grad.dim() - 1)))
-
-
-@contextlib.contextmanager
-def _quiet_autotuning() -> Iterator[None]:
-    """Keep inductor from printing its autotuning tables to stderr while it compiles (restored afterwards)."""
-    from torch._inductor import select_algorithm
-
-    previous = select_algorithm.PRINT_AUTOTUNE
-    select_algorithm.PRINT_AUTOTUNE = False
-    try:
-        yield
-    finally:
-        select_algorithm.PRINT_AUTOTUNE = previous
