@@ -13,8 +13,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[dev]'
-	@echo "compiling the presets' training steps (once, a few minutes; runs of any length then start compiled)"
-	-$(VENV)/bin/normlab compile
+	@# The presets' compiled training steps, so that runs of any length start compiled (CI skips it: the tests
+	@# compile what they need into a cache of their own, and a CI machine never trains the presets).
+	@if [ -z "$$CI" ]; then echo "compiling the presets' training steps (once, a few minutes)"; \
+	  $(VENV)/bin/normlab compile || echo "note: compiling failed; normlab trains uncompiled"; fi
 	touch $(STAMP)
 
 # The main job: train the default preset on the bundled names, calibrate BatchNorm, sample, write the report.
