@@ -64,10 +64,9 @@ class StackedEngine(Engine):
             self.limits = torch.tensor([math.inf if c.grad_clip is None else c.grad_clip for c in trains],
                                        dtype=self.stacked.embedding.dtype, device=self.device)
         work = work_per_step(models, trains[0].batch_size)
-        self._options = dict(COMPILE_OPTIONS)
         self._kernel: Kernel | None = None
         self._key = kernel_key(models, trains[0], self.stacked.embedding.dtype, self.x.shape[1], vocab_size,
-                               STEPS_PER_CALL, self._options)
+                               STEPS_PER_CALL, COMPILE_OPTIONS)
         wanted = trains[0].compile
         if wanted is not False and self.device.type == "cpu":
             self._kernel = load_kernel(self._key)  # compiled earlier (`normlab compile`, or a long run): free
@@ -108,7 +107,8 @@ class StackedEngine(Engine):
         fused = self.stacked.fused_kernels
         self.stacked.fused_kernels = False  # compiled code fuses the written-out formulas itself
         try:
-            self._kernel = build_kernel(self._key, self._pure_steps, copies + [indices, rates], dynamic, self._options)
+            self._kernel = build_kernel(self._key, self._pure_steps, copies + [indices, rates], dynamic,
+                                        COMPILE_OPTIONS)
         finally:
             self.stacked.fused_kernels = fused
         self._build = False
