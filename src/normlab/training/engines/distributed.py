@@ -21,7 +21,6 @@ ranks in one all-reduce, so every rank sees the same NaN and stops at the same s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -32,9 +31,8 @@ from normlab import nn
 from normlab.config import TrainConfig
 from normlab.errors import ConfigError
 from normlab.model import LanguageModel
-from normlab.training.engines import Engine, Split
-from normlab.training.engines.reference import reference_step
-from normlab.training.evaluation import evaluate
+from normlab.training.engines import Split
+from normlab.training.engines.reference import ReferenceEngine, reference_step
 from normlab.training.optimizers import make_optimizer
 
 
@@ -48,11 +46,12 @@ def rank_slice(batch_size: int, rank: int, world_size: int) -> slice:
     return slice(rank * share, (rank + 1) * share)
 
 
-class DistributedEngine(Engine):
+class DistributedEngine(ReferenceEngine):
     """Trains `model` on this process's slice of every batch, wrapped in `DistributedDataParallel` over the
-    default process group (which must be initialised: see `normlab.runs.ranks`)."""
-
-    num_models = 1
+    default process group (which must be initialised: see `normlab.runs.ranks`). The rest is the reference
+    engine's: the losses of `run_steps` are this rank's (averaged over ranks by `agree`), `evaluate` uses this
+    rank's model (its own running statistics; rank 0's are the ones saved), and every rank records the same
+    steps."""
 
     def __init__(self, model: LanguageModel, config: TrainConfig, train_xy: Split, *,
                  optimizer_state: dict[str, Any] | None = None) -> None:
@@ -79,29 +78,12 @@ class DistributedEngine(Engine):
         index = indices[self.part]  # (B/W,) this rank's slice of the global batch
         return reference_step(self.ddp, self.optimizer, self.x[index], self.y[index], rate, self.grad_clip)
 
-    def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
-        """One step per row of `indices` (K, 1, B); the losses are this rank's, averaged over ranks by `agree`."""
-        return torch.stack([self._step(indices[k, 0], float(rates[k, 0])) for k in range(len(indices))]).view(-1, 1)
-
     def agree(self, losses: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:
         """One all-reduce of the window's losses and the stop flags: the mean over ranks (the global batch's loss;
         NaN if any rank's is) and whether any rank was asked to stop."""
         packed = torch.cat([losses.reshape(-1), losses.new_tensor([1.0 if stop else 0.0])])
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
         return (packed[:-1] / self.processes).view_as(losses), bool(packed[-1].item() > 0)
-
-    def evaluate(self, splits: Sequence[Split]) -> list[float]:
-        """This rank's model in eval mode (its own running statistics; rank 0's are the ones saved)."""
-        return [evaluate(self.model, *splits[0])]
-
-    def model_state(self, index: int) -> dict[str, torch.Tensor]:
-        return self.model.state_dict()
-
-    def optimizer_state(self, index: int) -> dict[str, Any]:
-        return self.optimizer.state_dict()
-
-    def modules(self) -> list[LanguageModel]:
-        return [self.model]
 
     def attach_monitors(self, every: int, **options: Any) -> list[Any]:
         """A Monitor on the DDP model, with this rank's optimizer (update:data measured around the real step;
@@ -111,11 +93,3 @@ class DistributedEngine(Engine):
 
         self.monitors = [Monitor(self.ddp, self.optimizer, every=every, **options)]  # reduces over DDP's group
         return self.monitors
-
-    def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor | None:
-        """Train step `step` with the monitor's hooks armed (every rank records the same steps)."""
-        monitor = self.monitors[0]
-        monitor.begin_step(step)
-        loss = self._step(indices[0], float(rates[0]))
-        monitor.end_step(loss)
-        return loss.view(1, 1)
