@@ -7,6 +7,7 @@ imports it in each child.
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -71,4 +72,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str, mismatch: bool
         monitor.close()
         Path(out_dir, f"done{rank}.json").write_text(json.dumps({"main": monitor.is_main_process}))
     finally:
+        # The model (and, after an error, the monitor's hooks that still reference it) must go before the process
+        # group: DDP's reducer destroyed after it aborts the process at exit, now and then.
+        ddp = None
+        gc.collect()
         dist.destroy_process_group()
