@@ -12,7 +12,7 @@ from normlab.diagnostics import Monitor, collect, load_diagnostics
 from normlab.diagnostics import metrics as m
 from normlab.diagnostics import monitor as monitor_module
 
-from .models import batch, count_forward_hooks, lesson_mlp, train_step
+from .models import CONTEXT, VOCAB, batch, count_forward_hooks, lesson_mlp, train_step
 
 
 def _std(tensor: torch.Tensor) -> float:
@@ -150,6 +150,72 @@ def test_update_to_data_with_adam_matches_a_before_and_after_snapshot():
     assert expected != pytest.approx(0.01 * _std(model[5].weight.grad) / _std(before), rel=0.1)  # not SGD's
 
 
+def _lesson_loop(model, monitor, steps, learning_rate):
+    """The lesson's own loop: no torch.optim, the update written out, bracketed for the monitor."""
+    for step in range(steps):
+        inputs, targets = batch(step)
+        monitor.begin_step(step)
+        loss = F.cross_entropy(model(inputs), targets)
+        for parameter in model.parameters():
+            parameter.grad = None
+        loss.backward()
+        monitor.before_update(learning_rate)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter += -learning_rate * parameter.grad
+        monitor.after_update()
+        monitor.end_step(loss)
+
+
+@pytest.mark.parametrize("histogram_every", [1, 2])  # copies (numpy), then sums taken at once on step 1
+@pytest.mark.parametrize("width", [16, 600])  # small: copied flat; large: one parameter at a time, snapshots
+def test_a_loop_without_an_optimizer_records_update_to_data_as_torch_sgd_does(width, histogram_every):
+    recorded = []
+    for manual in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(VOCAB, 10), nn.Flatten(), nn.Linear(CONTEXT * 10, width), nn.Tanh(),
+                              nn.Linear(width, width), nn.Tanh(), nn.Linear(width, VOCAB))
+        optimizer = None if manual else torch.optim.SGD(model.parameters(), lr=0.1)
+        with Monitor(model, optimizer, every=1, histogram_every=histogram_every) as monitor:
+            if manual:
+                _lesson_loop(model, monitor, 2, 0.1)
+            else:
+                for step in range(2):
+                    train_step(model, optimizer, monitor, step, *batch(step))
+        recorded.append(monitor.diagnostics)
+    manual, with_sgd = recorded
+    for step in (0, 1):
+        for name in ("2.weight", "4.weight", "6.bias"):
+            assert manual.value(name, m.UPDATE_TO_DATA, step) == pytest.approx(
+                with_sgd.value(name, m.UPDATE_TO_DATA, step), rel=1e-5)
+        assert manual.value("", m.LEARNING_RATE, step) == 0.1
+
+
+def test_update_to_data_of_a_written_out_update_is_its_std_over_the_weights_std():
+    model = lesson_mlp()
+    weight = model[2].weight
+    before = weight.detach().clone()
+    with Monitor(model, every=1) as monitor:
+        _lesson_loop(model, monitor, 1, 0.05)
+    expected = _std(weight.detach() - before) / _std(before)
+    assert monitor.diagnostics.value("2.weight", m.UPDATE_TO_DATA, 0) == pytest.approx(expected, rel=1e-4)
+
+
+def test_before_update_without_after_update_records_no_update_and_keeps_no_copy():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 600), nn.Tanh(), nn.Linear(600, 4))  # large: snapshots taken
+    monitor = Monitor(model, every=1, histogram_every=2)
+    for step in range(2):
+        monitor.begin_step(step)
+        model(torch.randn(8, 512)).square().mean().backward()
+        monitor.before_update(0.1)
+        monitor.end_step()
+    assert all(not capture.snapshots for capture in monitor._pending)
+    assert monitor.diagnostics.layers(m.UPDATE_TO_DATA) == []
+    assert monitor.diagnostics.value("0.weight", m.PARAM_STD, 1) == pytest.approx(_std(model[0].weight), rel=1e-5)
+    monitor.close()
+
+
 def test_an_in_place_relu_does_not_change_what_was_recorded_for_the_linear_before_it():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.ReLU(inplace=True), nn.Linear(16, 2))
@@ -216,7 +282,7 @@ def test_scalar_steps_take_torch_sums_that_agree_with_the_histogram_steps_numpy(
 
 def test_a_large_model_is_not_copied_on_scalar_steps():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 4))  # past SMALL_MODEL_ELEMENTS
+    model = nn.Sequential(nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 4))  # past parameters.SMALL_MODEL_ELEMENTS
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = Monitor(model, optimizer, every=1, histogram_every=2)
     inputs = torch.randn(8, 512)

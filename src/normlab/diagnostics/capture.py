@@ -141,6 +141,7 @@ class Capture:
     updates: list[Piece] = field(default_factory=list)
     snapshots: list[torch.Tensor] = field(default_factory=list)
     parameters_read: bool = False
+    awaiting_update: bool = False  # values were read before an update that is not measured yet
     loss: torch.Tensor | None = None
     learning_rate: float | torch.Tensor | None = None
 

@@ -16,6 +16,9 @@ or the explicit protocol, which an engine drives (and the callbacks of :mod:`nor
     optimizer.step()                  # step pre/post hooks: values before, gradients and update after
     monitor.end_step(loss)            # keeps what the hooks captured; statistics follow in batches
 
+A loop without a torch.optim optimizer (the lesson's ``p.data += -lr * p.grad``) brackets its update with
+``monitor.before_update(lr)`` and ``monitor.after_update()`` to record update:data.
+
 Hooks exist only during recording steps (with ``every=1`` they stay, since every step records), so every
 other step runs exactly the code of an unmonitored model. A recording step captures its tensors (copies on
 histogram steps, sums taken at once without copies on the others, see :mod:`normlab.diagnostics.capture`); their
@@ -45,11 +48,11 @@ from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from normlab.diagnostics import collect
-from normlab.diagnostics import metrics as m
-from normlab.diagnostics.capture import Capture, Piece, capture_gradient, capture_output, flatten, immediate_sums
+from normlab.diagnostics.capture import Capture, capture_gradient, capture_output
 from normlab.diagnostics.collect import StepRecord, summarise_all
 from normlab.diagnostics.distributed import AUTO, Reducer, resolve_process_group, unwrap
 from normlab.diagnostics.layers import ACTIVATION, LAST_AXIS, select_modules
+from normlab.diagnostics.parameters import ParameterReader
 from normlab.diagnostics.storage import Diagnostics, ModuleInfo, ParameterInfo, save_diagnostics
 from normlab.diagnostics.writers import Writer, as_writer
 
@@ -57,7 +60,6 @@ ROOT = "(root)"
 BATCH_RECORDINGS = 16
 HISTOGRAM_STEPS = 100  # by default histograms are taken on every tenth recording step, at most every 100 steps
 HISTOGRAM_RECORDINGS = 10
-SMALL_MODEL_ELEMENTS = 1 << 18  # parameters copied flat and summarised with numpy in one pass, not one by one
 
 
 def output_tensor(output: object) -> torch.Tensor | None:
@@ -155,12 +157,7 @@ class Monitor:
         self._modules: list[tuple[str, nn.Module]] = []
         self._parameters: list[tuple[str, nn.Parameter]] = []
         self._add_modules(unwrap(model), include, exclude)
-        self._parameter_elements = sum(parameter.numel() for _, parameter in self._parameters)
-        # built once: the labels and lengths of the parameters' flat copies (their pieces share these lists)
-        self._tensors = [parameter for _, parameter in self._parameters]
-        self._numels = [parameter.numel() for parameter in self._tensors]
-        self._labels = {kind: [(name, kind) for name, _ in self._parameters]
-                        for kind in (m.HIST_PARAM, m.HIST_PARAM_GRAD, collect.UPDATE)}
+        self._reader = ParameterReader(self._parameters, reuse_buffers=every == 1)
         self._optimizer = optimizer
         self._writers = [as_writer(writer) for writer in writers] if self.is_main_process else []
         self._handles: list[RemovableHandle] = []  # module and optimizer hooks, while armed
@@ -170,7 +167,6 @@ class Monitor:
         self._last_axis: tuple[int, int] = (0, LAST_AXIS)  # (dims, unit axis) of the last recorded output
         self._next_order = 0
         self._segment_cache: dict = {}
-        self._snapshots: dict[int, torch.Tensor] = {}  # with every=1: buffers for the parameters before the update
         self._pending: list[Capture] = []  # recording steps captured, not yet summarised
         self._pending_elements = 0
         self._first_pending = 0.0
@@ -260,8 +256,10 @@ class Monitor:
         if self.every > 1:
             self._disarm()
         if not capture.parameters_read:
-            self._read_parameters(capture)
+            rate = self._optimizer.param_groups[0]["lr"] if self._optimizer is not None else None
+            self._read_parameters(capture, rate, before_update=False)
             self._read_gradients(capture)
+        capture.snapshots.clear()  # an update begun and not ended (before_update without after_update)
         if loss is not None:
             if isinstance(loss, torch.Tensor):
                 if loss.numel() != 1:
@@ -298,6 +296,22 @@ class Monitor:
         plain loop (begin step 0 with :meth:`start`). Returns whether step ``step + 1`` records."""
         self.end_step(loss)
         return self.begin_step(step + 1)
+
+    def before_update(self, learning_rate: float | torch.Tensor | None = None) -> None:
+        """For a loop that updates the parameters itself, without a torch.optim optimizer (the lesson's
+        ``p.data += -lr * p.grad``): call it just before the update, and :meth:`after_update` just after.
+        Parameters and gradients are read here and update:data is recorded as with an optimizer's step, with
+        ``learning_rate``. Nothing happens on steps that do not record."""
+        capture = self._capture
+        if capture is not None and not capture.parameters_read:
+            self._read_parameters(capture, learning_rate, before_update=True)
+            self._read_gradients(capture)
+
+    def after_update(self) -> None:
+        """End the update begun by :meth:`before_update`: measure it."""
+        capture = self._capture
+        if capture is not None:
+            self._read_update(capture)
 
     def stop_activations(self) -> None:
         """Record no more module outputs in this step (with gradient accumulation: keep one micro-batch's);
@@ -365,7 +379,7 @@ class Monitor:
         return diagnostics_html(self.diagnostics)
 
     def _disarm(self) -> None:
-        self._snapshots.clear()
+        self._reader.release()
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -415,67 +429,27 @@ class Monitor:
         if self._capture is capture:
             capture.gradients.append(capture_gradient(key, grad, capture.histograms))
 
-    def _split(self, capture: Capture) -> tuple[list, list]:
-        """The parameters whose values are copied (all, on histogram steps and for a small model), and those
-        whose sums are taken at once with torch."""
-        if capture.histograms or self._parameter_elements <= SMALL_MODEL_ELEMENTS:
-            return self._parameters, []
-        return [], self._parameters
-
-    def _read_parameters(self, capture: Capture) -> None:
+    def _read_parameters(self, capture: Capture, rate: float | torch.Tensor | None, *, before_update: bool) -> None:
         if not self.is_main_process:
             return  # the same on every process: rank 0 records them
-        if self._optimizer is not None:
-            rate = self._optimizer.param_groups[0]["lr"]  # a tensor rate is updated in place: copy it
-            capture.learning_rate = rate.detach().clone() if isinstance(rate, torch.Tensor) else rate
-        copied, taken = self._split(capture)
-        if copied:
-            capture.values.append(Piece(self._labels[m.HIST_PARAM], self._numels, tensor=flatten(self._tensors)))
-        for index, (name, parameter) in enumerate(taken):
-            capture.values.append(Piece([(name, m.HIST_PARAM)], [parameter.numel()],
-                                        sums=immediate_sums(parameter)))
-            if self._optimizer is not None:
-                capture.snapshots.append(self._snapshot(index, parameter))
+        capture.learning_rate = rate.detach().clone() if isinstance(rate, torch.Tensor) else rate  # updated in place
+        self._reader.read_values(capture, before_update=before_update)
+        capture.awaiting_update = before_update
 
     def _read_gradients(self, capture: Capture) -> None:
         capture.parameters_read = True
-        if not self.is_main_process:
-            return
-        copied, taken = self._split(capture)
-        with_grad = [(name, p.grad) for name, p in copied if p.grad is not None]
-        if with_grad and len(with_grad) == len(self._parameters) and not any(g.is_sparse for _, g in with_grad):
-            grads = [grad for _, grad in with_grad]  # the common case: labels and lengths as built at the start
-            capture.grads.append(Piece(self._labels[m.HIST_PARAM_GRAD], self._numels, tensor=flatten(grads)))
-        elif with_grad:
-            grads = [grad.to_dense() if grad.is_sparse else grad for _, grad in with_grad]
-            capture.grads.append(
-                Piece([(n, m.HIST_PARAM_GRAD) for n, _ in with_grad], [g.numel() for g in grads],
-                      tensor=flatten(grads))
-            )
-        for name, parameter in taken:
-            if parameter.grad is not None:
-                grad = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad
-                capture.grads.append(Piece([(name, m.HIST_PARAM_GRAD)], [grad.numel()],
-                                           sums=immediate_sums(grad)))
+        if self.is_main_process:
+            self._reader.read_gradients(capture)
+
+    def _read_update(self, capture: Capture) -> None:
+        if capture.awaiting_update:
+            capture.awaiting_update = False
+            self._reader.read_update(capture)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         capture = self._capture
         if capture is not None and not capture.values:
-            self._read_parameters(capture)
-
-    def _snapshot(self, index: int, parameter: nn.Parameter) -> torch.Tensor:
-        """A copy of ``parameter`` before the update. With ``every=1`` the copies of one step are written into
-        the buffers of the last (a large model's parameters are not allocated anew every step); otherwise each
-        recording step allocates its own and frees it after the update is measured."""
-        values = parameter.detach()
-        if self.every > 1:
-            return values.clone()
-        buffer = self._snapshots.get(index)
-        if buffer is None or buffer.shape != values.shape or buffer.dtype != values.dtype or (
-            buffer.device != values.device
-        ):
-            buffer = self._snapshots[index] = torch.empty_like(values, memory_format=torch.contiguous_format)
-        return buffer.copy_(values)
+            self._read_parameters(capture, optimizer.param_groups[0]["lr"], before_update=True)
 
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         # gradients are read here, not before the step: a closure (Lightning, LBFGS) computes them inside it
@@ -483,13 +457,4 @@ class Monitor:
         if capture is None or not capture.values or capture.parameters_read:
             return
         self._read_gradients(capture)
-        copied, taken = self._split(capture)
-        if copied:
-            before = capture.values[0].tensor
-            capture.updates.append(Piece(self._labels[collect.UPDATE], self._numels, tensor=flatten(self._tensors),
-                                         minus=before))
-        for (name, parameter), snapshot in zip(taken, capture.snapshots, strict=True):
-            update = torch.sub(parameter.detach(), snapshot, out=snapshot)  # the snapshot is not needed again
-            capture.updates.append(Piece([(name, collect.UPDATE)], [parameter.numel()],
-                                         sums=immediate_sums(update)))
-        capture.snapshots.clear()
+        self._read_update(capture)

@@ -16,20 +16,27 @@ from normlab.training.evaluation import evaluate
 from normlab.training.optimizers import make_optimizer
 
 
-def reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-                   rate: float, grad_clip: float | None) -> torch.Tensor:
-    """One training step of the lesson: cross-entropy of `model(x)` against `y`, backward, optional clipping of
-    the global gradient norm to `grad_clip`, then `optimizer.step()` with learning rate `rate`. Returns the
-    batch loss before the update."""
-    for group in optimizer.param_groups:
-        group["lr"] = rate
+def gradients(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, grad_clip: float | None) -> torch.Tensor:
+    """The gradients of a training step, into the parameters' `.grad`: cross-entropy of `model(x)` against `y`,
+    backward, optional clipping of the global gradient norm to `grad_clip`. Returns the batch loss."""
     loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad(set_to_none=True)
+    for parameter in model.parameters():
+        parameter.grad = None
     loss.backward()
     if grad_clip is not None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
     return loss.detach()
+
+
+def reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
+                   rate: float, grad_clip: float | None) -> torch.Tensor:
+    """One training step of the lesson: `gradients`, then `optimizer.step()` with learning rate `rate`. Returns
+    the batch loss before the update."""
+    for group in optimizer.param_groups:
+        group["lr"] = rate
+    loss = gradients(model, x, y, grad_clip)
+    optimizer.step()
+    return loss
 
 
 class ReferenceEngine(Engine):

@@ -5,8 +5,9 @@ arithmetic as torch.optim), within float rounding. What differs is the cost of a
 operation (`StackedMLP`), the optimizer updates every model with one operation per tensor
 (`StackedOptimizer`), and runs with enough work compile `steps_per_call` steps into one call (fused kernels
 called from C++, the batch gathered inside the call). Diagnostics are recorded on twins: on a recording step,
-a reference model per stacked model takes that model's exact state and runs the same step with torch.optim
-under a `Monitor`, so every statistic, update:data included, is the reference engine's.
+a reference model per stacked model takes that model's exact state and computes the step's gradients with
+autograd under a `Monitor`; the stacked models take the step, and update:data is measured from the weights before
+and after it. Every statistic is the reference engine's (tested), and no torch.optim optimizer is built.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class StackedEngine(Engine):
         self._single_ok = (self.limits is None and self.optimizer.takes_factored_gradients
                            and SingleModelSGD.supports(self.stacked))
         self.monitors: list[Any] = []
-        self._twins: list[tuple[LanguageModel, torch.optim.Optimizer]] = []
+        self._twins: list[LanguageModel] = []  # reference models the monitors observe (see record_step)
 
     @property
     def compiled(self) -> bool:
@@ -230,44 +231,38 @@ class StackedEngine(Engine):
     def attach_monitors(self, every: int, **options: Any) -> list[Any]:
         """A Monitor per model, on a reference twin of it (see the module notes)."""
         from normlab.diagnostics import Monitor
-        from normlab.training.optimizers import make_optimizer
 
-        self._twins, self.monitors = [], []
-        for model in self.modules():
-            optimizer = make_optimizer(model.parameters(), self.train_configs[len(self._twins)])
-            self._twins.append((model, optimizer))
-            self.monitors.append(Monitor(model, optimizer, every=every, **options))
+        self._twins = list(self.modules())
+        self.monitors = [Monitor(model, every=every, **options) for model in self._twins]
         return self.monitors
 
-    def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> None:
-        """Each twin takes its model's weights and optimizer state and runs step `step` under its monitor; the
-        stacked models are left untouched (the loop then trains the step)."""
-        from normlab.training.engines.reference import reference_step
+    def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
+        """Step `step` of every model, observed: each twin takes its model's state and computes the step's
+        gradients under its monitor; the stacked models then take the step, and each monitor measures the update
+        on its twin, given the model's new weights."""
+        from normlab.training.engines.reference import gradients
 
-        for index, ((model, optimizer), monitor) in enumerate(zip(self._twins, self.monitors)):
-            state = self.stacked.state_dict(index)
-            with torch.no_grad():
-                for name, value in model.state_dict().items():
-                    value.copy_(state[name])
-            _load_optimizer_state(optimizer, self.optimizer.state_dict(index))
+        twin_losses = []
+        for index, (model, monitor) in enumerate(zip(self._twins, self.monitors)):
+            _copy_into(model, self.stacked.state_dict(index))
             monitor.begin_step(step)
-            loss = reference_step(model, optimizer, self.x[indices[index]], self.y[indices[index]],
-                                  float(rates[index]), self.train_configs[index].grad_clip)
+            twin_losses.append(gradients(model, self.x[indices[index]], self.y[indices[index]],
+                                         self.train_configs[index].grad_clip))
+            monitor.before_update(float(rates[index]))
+        losses = self.run_steps(indices.unsqueeze(0), rates.unsqueeze(0))
+        for index, (model, monitor, loss) in enumerate(zip(self._twins, self.monitors, twin_losses)):
+            _copy_into(model, self.stacked.state_dict(index), parameters_only=True)
+            monitor.after_update()
             monitor.end_step(loss)
-        return None
+        return losses
 
 
-def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Copy a torch-format state (`StackedOptimizer.state_dict`) into `optimizer` in place, without the deep
-    copies of `load_state_dict`."""
-    params = optimizer.param_groups[0]["params"]
-    for position, values in state["state"].items():
-        target = optimizer.state[params[position]]
-        for name, value in values.items():
-            if name in target and isinstance(value, torch.Tensor) and target[name].shape == value.shape:
-                target[name].copy_(value)
-            else:
-                target[name] = value.clone() if isinstance(value, torch.Tensor) else value
+def _copy_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], parameters_only: bool = False) -> None:
+    """Copy a stacked model's state (`StackedMLP.state_dict(i)`) into `model` in place."""
+    with torch.no_grad():
+        entries = model.named_parameters() if parameters_only else model.state_dict().items()
+        for name, value in entries:
+            value.copy_(state[name])
 
 
 def _clip_per_model(grads: list[torch.Tensor], limits: torch.Tensor) -> None:
