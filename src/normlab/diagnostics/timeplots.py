@@ -174,7 +174,10 @@ def plot_activation_heatmaps(diagnostics: Diagnostics, out_dir: str | os.PathLik
         chunk = layers[first : first + HEATMAP_LAYERS_PER_FIGURE]
         columns = min(3, len(chunk))
         rows = math.ceil(len(chunk) / columns)
-        figure, grid = new_grid(rows, columns, 5 * columns, 3.2 * rows)
+        width, height = 5 * columns, 3.2 * rows
+        figure, grid = new_grid(rows, columns, width, height, layout=None)  # fixed margins: a third of the cost
+        figure.subplots_adjust(left=0.8 / width, right=1 - 0.3 / width, bottom=0.5 / height, top=1 - 0.35 / height,
+                               wspace=0.3, hspace=0.45)
         for index, axes in enumerate(ax for row in grid for ax in row):
             if index >= len(chunk):
                 axes.set_visible(False)
