@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from normlab.config import ModelConfig, TrainConfig, get_preset
+from normlab.diagnostics import metrics as m
 from normlab.errors import ConfigError
 from normlab.model import build_model
 from normlab.training import LoopEvents, choose_engine, create_engine, train_loop
@@ -111,6 +112,33 @@ def test_stacked_diagnostics_equal_the_reference_engines_in_float64(norm):
     assert expected.keys() == actual.keys() and any(key[2] == "update_to_data" for key in expected)
     for key, value in expected.items():
         assert actual[key] == pytest.approx(value, rel=1e-7, abs=1e-12), key
+
+
+@pytest.mark.parametrize("changes", [{"momentum": 0.9}, {"optimizer": "adamw", "lr": 1e-2, "grad_clip": 0.5}])
+def test_a_recording_step_on_the_stacked_engine_leaves_every_model_and_optimizer_as_it_found_them(changes):
+    """The stacked models take the observed step on trial only: their weights, batch norm buffers and optimizer
+    state afterwards are bit for bit those before, and the monitors recorded the step (update included)."""
+    model = dataclasses.replace(get_preset("lesson-batchnorm").model, n_hidden=24)
+    configs = [dataclasses.replace(BASE, seed=seed, engine="stacked", **changes) for seed in (1, 2)]
+    engine = create_engine([model, model], configs, VOCAB, TRAIN_XY, dtype=torch.float64)
+    engine.run_steps(torch.randint(0, len(TRAIN_XY[0]), (3, 2, 16)), torch.full((3, 2), 0.1))  # momentum, moments
+    engine.attach_monitors(1)
+    before = [(engine.model_state(i), engine.optimizer_state(i)) for i in range(2)]
+    before = [({k: v.clone() for k, v in m.items()}, torch.utils._pytree.tree_map(
+        lambda x: x.clone() if isinstance(x, torch.Tensor) else x, o)) for m, o in before]
+    assert engine.record_step(3, torch.randint(0, len(TRAIN_XY[0]), (2, 16)), torch.tensor([0.1, 0.05])) is None
+    for i, (model_state, optimizer_state) in enumerate(before):
+        for name, value in engine.model_state(i).items():
+            assert torch.equal(value, model_state[name]), name
+        for key, values in engine.optimizer_state(i)["state"].items():
+            for name, value in values.items():
+                expected = optimizer_state["state"][key][name]
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(expected)), (key, name)
+        diagnostics = engine.monitors[i].diagnostics
+        assert diagnostics.steps() == [3]
+        assert diagnostics.value("", m.LEARNING_RATE, 3) == pytest.approx([0.1, 0.05][i])
+        assert diagnostics.layers(m.UPDATE_TO_DATA)
+    engine.close()
 
 
 def test_compiled_calls_follow_the_eager_steps_and_a_later_engine_loads_the_cached_kernel():

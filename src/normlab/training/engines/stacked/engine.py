@@ -6,8 +6,9 @@ operation (`StackedMLP`), the optimizer updates every model with one operation p
 (`StackedOptimizer`), and runs with enough work compile `steps_per_call` steps into one call (fused kernels
 called from C++, the batch gathered inside the call). Diagnostics are recorded on twins: on a recording step,
 a reference model per stacked model takes that model's exact state and computes the step's gradients with
-autograd under a `Monitor`; the stacked models take the step, and update:data is measured from the weights before
-and after it. Every statistic is the reference engine's (tested), and no torch.optim optimizer is built.
+autograd under a `Monitor`; the stacked models take the step on trial (then return to their state before it, so
+that the run is the one it would be unobserved), and update:data is measured from the weights before and after it.
+Every statistic is the reference engine's (tested), and no torch.optim optimizer is built.
 """
 
 from __future__ import annotations
@@ -116,9 +117,13 @@ class StackedEngine(Engine):
 
     def _state(self) -> list[torch.Tensor]:
         """Every tensor a step reads or updates, in a fixed order: the kernel's inputs before the batch."""
-        buffers = [buffer for per_param in self.optimizer.buffers for buffer in per_param]
         limits = [] if self.limits is None else [self.limits]
-        return self.stacked.tensors() + buffers + [self.optimizer.step_count, self.x, self.y] + limits
+        return self._updated_state() + [self.x, self.y] + limits
+
+    def _updated_state(self) -> list[torch.Tensor]:
+        """Every tensor a step updates: the models' weights and buffers, the optimizer's state."""
+        buffers = [buffer for per_param in self.optimizer.buffers for buffer in per_param]
+        return self.stacked.tensors() + buffers + [self.optimizer.step_count]
 
     def _set_state(self, tensors: Sequence[torch.Tensor]) -> None:
         """Point the engine at `tensors` (in `_state`'s order) instead of its own."""
@@ -236,10 +241,11 @@ class StackedEngine(Engine):
         self.monitors = [Monitor(model, every=every, **options) for model in self._twins]
         return self.monitors
 
-    def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
-        """Step `step` of every model, observed: each twin takes its model's state and computes the step's
-        gradients under its monitor; the stacked models then take the step, and each monitor measures the update
-        on its twin, given the model's new weights."""
+    def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> None:
+        """Observe step `step` of every model; the loop then trains it as it would unobserved (in a compiled call
+        with its neighbours). Each twin takes its model's state and computes the step's gradients under its
+        monitor; the stacked models take the step on trial, their new weights give each monitor the update, and
+        they return to the state before it, exactly."""
         from normlab.training.engines.reference import gradients
 
         twin_losses = []
@@ -249,12 +255,15 @@ class StackedEngine(Engine):
             twin_losses.append(gradients(model, self.x[indices[index]], self.y[indices[index]],
                                          self.train_configs[index].grad_clip))
             monitor.before_update(float(rates[index]))
-        losses = self.run_steps(indices.unsqueeze(0), rates.unsqueeze(0))
+        before = [tensor.clone() for tensor in self._updated_state()]
+        self.run_steps(indices.unsqueeze(0), rates.unsqueeze(0))
         for index, (model, monitor, loss) in enumerate(zip(self._twins, self.monitors, twin_losses)):
             _copy_into(model, self.stacked.state_dict(index), parameters_only=True)
             monitor.after_update()
             monitor.end_step(loss)
-        return losses
+        for tensor, value in zip(self._updated_state(), before, strict=True):
+            tensor.copy_(value)
+        return None
 
 
 def _copy_into(model: torch.nn.Module, state: Mapping[str, torch.Tensor], parameters_only: bool = False) -> None:
