@@ -13,11 +13,24 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors
+from torch.nn.utils.rnn import PackedSequence
 
 from normlab.diagnostics import metrics as m
 from normlab.diagnostics.stats import array_sums, saturation_mask, tensor_sums, units_all, units_any
 
 HOST_DTYPES = (torch.float32, torch.float64)
+
+
+def output_tensor(output: object) -> torch.Tensor | None:
+    """The tensor that stands for a module's output: itself, a PackedSequence's data, or the first element of a
+    tuple or list (an RNN's output sequence, attention's output); None when there is none."""
+    if isinstance(output, (tuple, list)) and output and not isinstance(output, PackedSequence):
+        output = output[0]
+    if isinstance(output, PackedSequence):
+        output = output.data
+    if isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output
+    return None
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -21,10 +21,14 @@ import fnmatch
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from normlab.diagnostics.stats import SIGMOID, TANH
+
+if TYPE_CHECKING:
+    from normlab.diagnostics.storage import Diagnostics
 
 ACTIVATION = "activation"
 LINEAR = "linear"
@@ -215,3 +219,33 @@ def select_modules(
             "pass include= with module types, type names or name globs"
         )
     return selected
+
+
+ROOT = "(root)"  # the name a recorded root module goes by
+
+
+def watched(
+    model: nn.Module, include: Iterable[type | str] | None, exclude: Iterable[type | str] | None,
+    diagnostics: Diagnostics,
+) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Parameter]]]:
+    """The modules a monitor records (`select_modules`) and their trainable parameters, each once, by name;
+    their descriptions go into `diagnostics`."""
+    from normlab.diagnostics.storage import ModuleInfo, ParameterInfo
+
+    modules, parameters, seen = [], [], set()
+    for name, module, kind in select_modules(model, include, exclude):
+        name = name or ROOT
+        modules.append((name, module))
+        diagnostics.modules[name] = ModuleInfo(
+            name, type(module).__name__, kind.family, kind.bound, kind.relu_like, gate=kind.gate,
+            unit_axis=kind.unit_axis,
+        )
+        for short, parameter in module.named_parameters(recurse=False):
+            if parameter.requires_grad and id(parameter) not in seen:
+                seen.add(id(parameter))
+                full = short if name == ROOT else f"{name}.{short}"
+                diagnostics.parameters[full] = ParameterInfo(
+                    full, name, type(module).__name__, tuple(parameter.shape), len(parameters)
+                )
+                parameters.append((full, parameter))
+    return modules, parameters

@@ -44,40 +44,38 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils.rnn import PackedSequence
 from torch.utils.hooks import RemovableHandle
 
 from normlab.diagnostics import collect
-from normlab.diagnostics.capture import Capture, capture_gradient, capture_output
+from normlab.diagnostics.capture import Capture, capture_gradient, capture_output, output_tensor
 from normlab.diagnostics.collect import StepRecord, summarise_all
 from normlab.diagnostics.distributed import AUTO, Reducer, resolve_process_group, unwrap
-from normlab.diagnostics.layers import ACTIVATION, LAST_AXIS, select_modules
+from normlab.diagnostics.layers import ACTIVATION, LAST_AXIS, watched
 from normlab.diagnostics.parameters import ParameterReader
-from normlab.diagnostics.storage import Diagnostics, ModuleInfo, ParameterInfo, save_diagnostics
+from normlab.diagnostics.storage import Diagnostics, ModuleInfo, save_diagnostics
 from normlab.diagnostics.writers import Writer, as_writer
 
-ROOT = "(root)"
 BATCH_RECORDINGS = 16
 HISTOGRAM_STEPS = 100  # by default histograms are taken on every tenth recording step, at most every 100 steps
 HISTOGRAM_RECORDINGS = 10
-
-
-def output_tensor(output: object) -> torch.Tensor | None:
-    """The tensor that stands for a module's output: itself, a PackedSequence's data, or the first element of a
-    tuple or list (an RNN's output sequence, attention's output); None when there is none."""
-    if isinstance(output, (tuple, list)) and output and not isinstance(output, PackedSequence):
-        output = output[0]
-    if isinstance(output, PackedSequence):
-        output = output.data
-    if isinstance(output, torch.Tensor) and output.is_floating_point():
-        return output
-    return None
 
 
 def _check_int(value: object, name: str, minimum: int, hint: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum} ({hint}), got {value!r}")
     return value
+
+
+def _histogram_every(every: int, histogram_every: int | None) -> int:
+    if histogram_every is None:
+        return every * max(HISTOGRAM_RECORDINGS, math.ceil(HISTOGRAM_STEPS / every))
+    _check_int(histogram_every, "histogram_every", 1, "histograms every N steps")
+    if histogram_every % every:
+        raise ValueError(
+            f"histogram_every ({histogram_every}) must be a multiple of every ({every}), so that histogram "
+            f"steps are recording steps; e.g. histogram_every={every * math.ceil(histogram_every / every)}"
+        )
+    return histogram_every
 
 
 class Monitor:
@@ -124,39 +122,25 @@ class Monitor:
         flush_seconds: float = 5.0,
     ) -> None:
         self.every = _check_int(every, "every", 1, "record every N steps")
-        if histogram_every is None:
-            histogram_every = every * max(HISTOGRAM_RECORDINGS, math.ceil(HISTOGRAM_STEPS / every))
-        _check_int(histogram_every, "histogram_every", 1, "histograms every N steps")
-        if histogram_every % every:
-            raise ValueError(
-                f"histogram_every ({histogram_every}) must be a multiple of every ({every}), so that histogram "
-                f"steps are recording steps; e.g. histogram_every={every * math.ceil(histogram_every / every)}"
-            )
-        self.histogram_every = histogram_every
+        self.histogram_every = _histogram_every(every, histogram_every)
         self.bins = _check_int(bins, "bins", 2, "histogram bins")
         if not 0.5 < saturation_threshold < 1:
-            raise ValueError(
-                f"saturation_threshold must be in (0.5, 1) (0.97 flags tanh outputs beyond ±0.97), "
-                f"got {saturation_threshold!r}"
-            )
+            raise ValueError("saturation_threshold must be in (0.5, 1) (0.97 flags tanh outputs beyond ±0.97), "
+                             f"got {saturation_threshold!r}")
         if optimizer is not None and not isinstance(optimizer, torch.optim.Optimizer):
-            raise TypeError(
-                f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}"
-            )
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer or None, got {type(optimizer).__name__}")
         group = resolve_process_group(model, process_group)
         self._reducer = Reducer(group) if group is not None else None
         self.saturation_threshold = float(saturation_threshold)
         self.flush_seconds = float(flush_seconds)
         self._diagnostics = Diagnostics(
             settings={
-                "every": every, "histogram_every": histogram_every, "bins": bins,
+                "every": every, "histogram_every": self.histogram_every, "bins": bins,
                 "saturation_threshold": self.saturation_threshold,
                 "processes": 1 if self._reducer is None else self._reducer.world_size,
             }
         )
-        self._modules: list[tuple[str, nn.Module]] = []
-        self._parameters: list[tuple[str, nn.Parameter]] = []
-        self._add_modules(unwrap(model), include, exclude)
+        self._modules, self._parameters = watched(unwrap(model), include, exclude, self._diagnostics)
         self._reader = ParameterReader(self._parameters, reuse_buffers=every == 1)
         self._optimizer = optimizer
         self._writers = [as_writer(writer) for writer in writers] if self.is_main_process else []
@@ -174,24 +158,6 @@ class Monitor:
         self._unsupported: set[str] = set()
         self._warned = False
         self._closed = False
-
-    def _add_modules(self, model: nn.Module, include: Any, exclude: Any) -> None:
-        seen: set[int] = set()
-        for name, module, kind in select_modules(model, include, exclude):
-            name = name or ROOT
-            self._modules.append((name, module))
-            self._diagnostics.modules[name] = ModuleInfo(
-                name, type(module).__name__, kind.family, kind.bound, kind.relu_like, gate=kind.gate,
-                unit_axis=kind.unit_axis,
-            )
-            for short, parameter in module.named_parameters(recurse=False):
-                if parameter.requires_grad and id(parameter) not in seen:
-                    seen.add(id(parameter))
-                    full = short if name == ROOT else f"{name}.{short}"
-                    self._diagnostics.parameters[full] = ParameterInfo(
-                        full, name, type(module).__name__, tuple(parameter.shape), len(self._parameters)
-                    )
-                    self._parameters.append((full, parameter))
 
     @property
     def diagnostics(self) -> Diagnostics:
