@@ -165,6 +165,20 @@ def _figure_named(paths: list[Path], stem: str) -> tuple[str, list[Path]]:
     return "".join(_figure(path) for path in chosen), [path for path in paths if path.stem != stem]
 
 
+def _facts(findings: list, diagnostics: Diagnostics | None, vocab_size: int | None) -> list[str]:
+    """The report's first sentence: findings by severity, recorded steps, vocabulary."""
+    if diagnostics is None:
+        facts = ["No diagnostics recorded"]
+    else:
+        counts = {severity: sum(f.severity == severity for f in findings) for severity in ("error", "warning", "info")}
+        facts = [f"{len(findings)} finding(s): {counts['error']} error(s), {counts['warning']} warning(s), "
+                 f"{counts['info']} observation(s)",
+                 f"{len(diagnostics.steps())} recorded steps, every {diagnostics.settings.get('every', '?')}"]
+    if vocab_size:
+        facts.append(f"vocabulary of {vocab_size} symbols (uniform-guess loss {math.log(vocab_size):.3f})")
+    return facts
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report.html`` (atomically) from what the run directory holds; returns its path.
 
@@ -198,21 +212,7 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             "(<code>normlab train ... --diagnose</code>) to get the per-layer plots.</p>"
         )
     explorer = explorer_html(diagnostics) if has_data else '<p class="note">No histograms were recorded.</p>'
-    facts = [
-        f"{len(findings)} finding(s): {sum(f.severity == 'error' for f in findings)} error(s), "
-        f"{sum(f.severity == 'warning' for f in findings)} warning(s), "
-        f"{sum(f.severity == 'info' for f in findings)} observation(s)"
-        if has_data
-        else "No diagnostics recorded"
-    ]
-    if has_data:
-        facts.append(
-            f"{len(diagnostics.steps())} recorded steps, every {diagnostics.settings.get('every', '?')}"
-        )
-    if files.vocab_size:
-        facts.append(
-            f"vocabulary of {files.vocab_size} symbols (uniform-guess loss {math.log(files.vocab_size):.3f})"
-        )
+    facts = _facts(findings, diagnostics if has_data else None, files.vocab_size)
     title = html.escape(f"normlab report: {run_dir.resolve().name}")
     page = (
         f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{title}</title>'
