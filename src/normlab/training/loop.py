@@ -188,10 +188,7 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
     checkpoints at the next step boundary and raises `Interrupted`. On recording steps of the engine's monitors
     (`engine.records(step)`), the step goes through `engine.record_step`.
     """
-    configs = [config.resolved() for config in configs]  # intervals left unset: from the number of steps
-    for config in configs:
-        config.validate()
-    check_lockstep(configs)
+    configs = _checked(configs)
     events = events or LoopEvents()
     first, count = configs[0], engine.num_models
     subsets = [eval_subsets(train_xy, val_xy, c) for c in configs]
@@ -218,16 +215,7 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
     step = start_step
     with _InterruptFlag() as interrupt:
         while step < first.steps:
-            k = batches.at(step)
-            losses, size = None, 1
-            if engine.records(step):  # observed (then trained below, maybe in a call of several steps) or trained
-                losses = engine.record_step(step, batches.indices[:, k], batches.rates[k])
-            if losses is None:
-                size = call_size(step, k)
-                if size == 1:
-                    losses = engine.run_steps(*batches.single(k))
-                else:
-                    losses = engine.run_steps(batches.steps[k:k + size], batches.rates[k:k + size])
+            losses, size = _advance(engine, batches, step, call_size)
             window.record(step, losses)
             step += size
             done = step
@@ -250,6 +238,30 @@ def train_loop(engine: Engine, configs: Sequence[TrainConfig], train_xy: Split, 
                 raise Interrupted(done)
     _close(bar)
     return diverged
+
+
+def _checked(configs: Sequence[TrainConfig]) -> list[TrainConfig]:
+    """The configs with their unset intervals resolved (from the number of steps), validated, in lockstep."""
+    configs = [config.resolved() for config in configs]
+    for config in configs:
+        config.validate()
+    check_lockstep(configs)
+    return configs
+
+
+def _advance(engine: Engine, batches: _Batches, step: int,
+             call_size: Callable[[int, int], int]) -> tuple[torch.Tensor, int]:
+    """Train from `step`: that step alone (observed by the monitors if it records), or a call of several steps;
+    the losses (K, M) and K."""
+    k = batches.at(step)
+    if engine.records(step):  # observed, and trained by the engine or below (maybe in a call of several steps)
+        losses = engine.record_step(step, batches.indices[:, k], batches.rates[k])
+        if losses is not None:
+            return losses, 1
+    size = call_size(step, k)
+    if size == 1:
+        return engine.run_steps(*batches.single(k)), 1
+    return engine.run_steps(batches.steps[k:k + size], batches.rates[k:k + size]), size
 
 
 def _log_losses(engine: Engine, subsets: Sequence[tuple[Split, Split]], configs: Sequence[TrainConfig], done: int,
