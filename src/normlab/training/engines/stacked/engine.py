@@ -24,8 +24,9 @@ from normlab.config import ModelConfig, TrainConfig
 from normlab.model import LanguageModel, build_model
 from normlab.training.engines import Engine, Split
 from normlab.training.engines.stacked.kernels import Kernel, build_kernel, kernel_key, load_kernel
-from normlab.training.engines.stacked.model import SingleModelSGD, StackedMLP
+from normlab.training.engines.stacked.model import StackedMLP
 from normlab.training.engines.stacked.optim import StackedOptimizer
+from normlab.training.engines.stacked.single import SingleModelSGD
 from normlab.training.threads import work_per_step
 
 STEPS_PER_CALL = 10  # steps per compiled call (measured best on 2 cores); divides the loop's sync interval
