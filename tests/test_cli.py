@@ -56,7 +56,8 @@ def test_the_same_command_gives_the_same_numbers(tmp_path, words_file, trained_r
 @pytest.mark.parametrize("optimizer", [[], ["--set", "optimizer=adamw", "--set", "lr=0.01"],
                                        ["--set", "momentum=0.9", "--set", "schedule=cosine"],
                                        ["--set", "engine=reference"],
-                                       ["--set", "engine=reference", "--set", "optimizer=adamw"]])
+                                       ["--set", "engine=reference", "--set", "optimizer=adamw"],
+                                       ["--set", "dropout=0.2", "--set", "n_layers=2", "--set", "optimizer=adamw"]])
 def test_resume_after_ctrl_c_ends_with_the_uninterrupted_parameters(tmp_path, words_file, monkeypatch, capsys,
                                                                      optimizer):
     uninterrupted = tmp_path / "uninterrupted"

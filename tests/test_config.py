@@ -16,11 +16,13 @@ def test_preset_train_settings_apply():
 def test_overrides_convert_to_each_fields_type():
     config = config_for_preset("lesson-batchnorm", ["n_hidden=300", "train.lr=0.05", "grad_clip=1",
                                                     "residual=true", "hidden_bias=null", "steps=2e5",
-                                                    "data.split_seed=7", "optimizer=adamw"])
+                                                    "data.split_seed=7", "optimizer=adamw", "model.dropout=0.1",
+                                                    "n_layers=2"])
     assert config.model.n_hidden == 300 and config.train.lr == 0.05 and config.train.grad_clip == 1.0
     assert config.model.residual is True and config.model.hidden_bias is None
     assert config.train.steps == 200_000 and isinstance(config.train.steps, int)
     assert config.data.split_seed == 7 and config.train.optimizer == "adamw"
+    assert config.model.dropout == 0.1 and config_for_preset("lesson-batchnorm", ["dropout=0"]).model.dropout == 0.0
 
 
 @pytest.mark.parametrize("item, message", [
@@ -31,6 +33,11 @@ def test_overrides_convert_to_each_fields_type():
     ("optimizer=rmsprop", "train.optimizer='rmsprop' is not one of"),
     ("steps=0", "train.steps must be at least 1"),
     ("lr=-1", "train.lr must be a positive number"),
+    ("model.dropout=1", r"model.dropout must be in \[0, 1\), got 1.0: use e.g. --set model.dropout=0.1"),
+    ("dropout=-0.1", r"model.dropout must be in \[0, 1\)"),
+    ("dropout=NaN", "model.dropout must be a finite number"),
+    ("dropout=0.1", "model.dropout=0.1 acts between hidden layers, so it needs n_layers of 2 or more, got 1: raise "
+                    "model.n_layers or set model.dropout=0"),
 ])
 def test_bad_overrides_name_the_problem(item, message):
     with pytest.raises(ConfigError, match=message):

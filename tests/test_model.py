@@ -9,9 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from normlab import nn
 from normlab.config import NORMS, PRESETS, ModelConfig, get_preset
 from normlab.errors import ConfigError
-from normlab.model import build_model, state_shapes
+from normlab.model import build_model, dropout_seed, seed_dropout, state_shapes
 
 VOCAB = 27
 
@@ -148,3 +149,51 @@ def test_the_batch_norm_variants_are_built_with_the_configs_settings(norm, kind,
         assert getattr(layer, name) == value, name
     wavenet = build_model(dataclasses.replace(get_preset("wavenet").model, norm=norm, ghost_batch_size=4), VOCAB)
     assert wavenet(torch.randint(0, VOCAB, (8, 8))).shape == (8, VOCAB)
+
+
+def test_dropout_follows_every_hidden_activation_but_the_last():
+    model = build_model(ModelConfig(n_layers=3, dropout=0.2), VOCAB)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds == ["Embedding", "Flatten", "Linear", "Tanh", "Dropout", "Linear", "Tanh", "Dropout", "Linear",
+                     "Tanh", "Linear"]
+    assert all(layer.p == 0.2 for layer in model.layers if isinstance(layer, nn.Dropout))
+    assert "Dropout" not in [type(layer).__name__ for layer in build_model(ModelConfig(n_layers=3), VOCAB).layers]
+
+
+def test_dropout_in_training_is_torchs_dropout_between_the_hidden_layers_and_eval_has_none():
+    """The wavenet's forward written out, with torch.nn.functional.dropout as the reference."""
+    model = build_model(dataclasses.replace(get_preset("wavenet").model, dropout=0.3), VOCAB, seed=5)
+    x = torch.randint(0, VOCAB, (16, 8), generator=torch.Generator().manual_seed(0))
+    seed_dropout([layer for layer in model.layers if isinstance(layer, nn.Dropout)], seed=11, step=4)
+    trained = model(x)
+    expected, dropped = x, 0
+    for layer in model.layers:
+        if isinstance(layer, nn.Dropout):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(dropout_seed(11, 4, 0, dropped))
+                expected = F.dropout(expected, 0.3, training=True)  # (16, 4 or 2, 128)
+            dropped += 1
+        else:
+            expected = layer(expected)
+    assert dropped == 2 and torch.equal(trained, expected)
+    model.eval()
+    expected = x
+    for layer in model.layers:
+        expected = expected if isinstance(layer, nn.Dropout) else layer(expected)
+    assert torch.equal(model(x), expected)  # eval: no dropout, whatever the generators hold
+
+
+def test_dropout_masks_are_a_function_of_seed_step_rank_and_layer_alone():
+    layers = [nn.Dropout(0.5, generator=torch.Generator()) for _ in range(2)]
+    ones = torch.ones(64)
+
+    def masks(seed, step, rank=0):
+        seed_dropout(layers, seed, step, rank=rank)
+        return [layer(ones) for layer in layers]
+
+    first = masks(1, 7)
+    masks(1, 8)
+    assert all(torch.equal(a, b) for a, b in zip(first, masks(1, 7)))  # whatever was drawn in between
+    assert not torch.equal(first[0], first[1])  # each layer its own stream
+    for other in (masks(2, 7), masks(1, 8), masks(1, 7, rank=1)):
+        assert not torch.equal(first[0], other[0])

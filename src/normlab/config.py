@@ -86,6 +86,8 @@ class ModelConfig:
     output_norm: bool = False  # a BatchNorm1d after the output Linear (the lesson's deep net)
     output_norm_gain: float = 1.0  # initial weight of that output norm
     residual: bool = False  # x + block(x) around hidden blocks of equal width (mlp only)
+    dropout: float = 0.0  # inverted dropout with this probability after every hidden activation but the last
+    # (between hidden layers, not before the output Linear), in training only; masks a function of seed and step
 
     @property
     def has_hidden_bias(self) -> bool:
@@ -115,6 +117,12 @@ class ModelConfig:
                               f"({self.norm_groups}): change one of them")
         if self.residual and self.architecture != "mlp":
             raise ConfigError("residual connections need hidden blocks of equal width: use architecture=mlp")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}: use e.g. --set model.dropout=0.1 "
+                              "(0 for none)")
+        if self.dropout > 0 and self.n_layers < 2:
+            raise ConfigError(f"model.dropout={self.dropout} acts between hidden layers, so it needs n_layers of 2 or "
+                              f"more, got {self.n_layers}: raise model.n_layers or set model.dropout=0")
         if not 0.0 <= self.bn_momentum <= 1.0:
             raise ConfigError(f"model.bn_momentum must be in [0, 1], got {self.bn_momentum}")
 

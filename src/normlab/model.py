@@ -5,9 +5,17 @@ Every model maps a batch of contexts (B, block_size) int64 to logits (B, vocab_s
 
     mlp:      Embedding → Flatten → [Linear → Norm → Act] × n_layers → Linear (→ Norm)
     wavenet:  Embedding → [FlattenConsecutive(2) → Linear → Norm → Act] × n_layers → Linear
+
+With `dropout` > 0 a `Dropout` follows the activation of every hidden block that feeds another hidden block
+(so it needs n_layers ≥ 2): `[Linear → Norm → Act → Dropout] × (n_layers − 1) → Linear → Norm → Act → Linear`.
+Not before the output Linear: on the lesson's file that placement raised the `best` preset's val loss (README,
+the `best` preset). Each Dropout draws from its own generator, which the engines reseed every training step with
+`seed_dropout`.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -104,6 +112,8 @@ def build_model(config: ModelConfig, vocab_size: int, seed: int = DEFAULT_SEED, 
         if use_norm:
             block.append(_norm(config, config.n_hidden, wavenet, **factory))
         block.append(activation())
+        if config.dropout > 0 and index + 1 < config.n_layers:
+            block.append(nn.Dropout(config.dropout, generator=torch.Generator()))
         if wavenet:
             layers.append(nn.FlattenConsecutive(2))
         if config.residual and index > 0:
@@ -119,3 +129,30 @@ def build_model(config: ModelConfig, vocab_size: int, seed: int = DEFAULT_SEED, 
             output_norm.weight.fill_(config.output_norm_gain)
         layers.append(output_norm)
     return LanguageModel(nn.Sequential(*layers), config.block_size, vocab_size)
+
+
+def dropout_layers(model: torch.nn.Module) -> list[nn.Dropout]:
+    """The `normlab.nn.Dropout` layers of `model`, in the order of `modules()`."""
+    return [module for module in model.modules() if isinstance(module, nn.Dropout)]
+
+
+def dropout_seed(seed: int, step: int, rank: int, layer: int) -> int:
+    """The generator seed of Dropout number `layer` at training step `step` (0-based) of a run seeded `seed`, on
+    process `rank`: a hash of the four, so that no two of them share a stream of masks."""
+    digest = hashlib.blake2b(f"dropout {seed} {step} {rank} {layer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") % 2**63
+
+
+def seed_dropout(layers: list[nn.Dropout], seed: int, step: int, *, rank: int = 0,
+                 device: torch.device | str = "cpu") -> None:
+    """Reseed every Dropout of `layers` (see `dropout_layers`) for training step `step` of the run seeded `seed`.
+
+    The masks of a step are then a pure function of (seed, step, rank), as its batch is of (seed, step): a
+    resumed run draws the masks an uninterrupted one would, with no generator state in the checkpoint. The
+    generators are made anew on `device` (the model's) when they are elsewhere.
+    """
+    device = torch.device(device)
+    for index, layer in enumerate(layers):
+        if layer.generator is None or layer.generator.device != device:
+            layer.generator = torch.Generator(device)
+        layer.generator.manual_seed(dropout_seed(seed, step, rank, index))

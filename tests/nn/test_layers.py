@@ -16,7 +16,8 @@ from normlab import nn as nnl
 
 # ---- drop-in signatures ------------------------------------------------------------------------------------
 
-TWINS = ["Linear", "Embedding", "BatchNorm1d", "LayerNorm", "GroupNorm", "RMSNorm", "Flatten", "ReLU"]
+TWINS = ["Linear", "Embedding", "BatchNorm1d", "LayerNorm", "GroupNorm", "RMSNorm", "Flatten", "ReLU",
+         "Dropout"]
 
 
 @pytest.mark.parametrize("name", TWINS)

@@ -26,6 +26,8 @@ SCENARIOS = {
     # per-rank BatchNorm, AdamW
     "batch": (dataclasses.replace(DEEP, norm="batch", output_norm=False),
               dataclasses.replace(TRAIN, optimizer="adamw", lr=3e-3, weight_decay=0.1)),
+    # dropout between the two hidden layers, each rank its own masks; a per-example norm, plain SGD
+    "dropout": (dataclasses.replace(DEEP, norm="layer", output_norm=False, dropout=0.3), TRAIN),
 }
 
 

@@ -10,8 +10,13 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from normlab.model import build_model, dropout_seed
+from normlab.training.schedule import batch_table
 
 from . import distributed_worker as worker
+from .helpers import TRAIN_XY, VOCAB, with_torch_dropout
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")
@@ -78,6 +83,33 @@ def test_per_rank_batchnorm_equals_ghost_batches_of_the_per_rank_size(ranks):
             torch.testing.assert_close(rank["state"][key], value, rtol=1e-9, atol=1e-11, msg=key)
     norm = next(key for key in engine.model_state(0) if key.endswith("running_mean"))
     assert not torch.allclose(got[0]["state"][norm], got[1]["state"][norm])  # each rank its own statistics
+
+
+def test_with_dropout_each_rank_drops_with_its_own_masks_and_the_ranks_keep_one_model(ranks):
+    """A plain float64 loop replays the two ranks: each half of the batch through torch's dropout with the global
+    generator seeded `dropout_seed(seed, step, rank, layer)`, the gradient of the mean of the two halves' losses."""
+    model_config, config = worker.SCENARIOS["dropout"]
+    model = build_model(model_config, VOCAB, seed=config.seed).double()
+    dropouts = with_torch_dropout(model)
+    assert len(dropouts) == 1
+    x, y = TRAIN_XY
+    indices = batch_table(config.seed, 0, len(x), config.batch_size)
+    half = config.batch_size // 2
+    for step in range(config.steps):
+        losses = []
+        for rank in range(2):
+            index = indices[step, rank * half:(rank + 1) * half]
+            dropouts[0].seed = dropout_seed(config.seed, step, rank, 0)
+            losses.append(F.cross_entropy(model(x[index]), y[index]))
+        model.zero_grad(set_to_none=True)
+        ((losses[0] + losses[1]) / 2).backward()
+        with torch.no_grad():
+            for p in model.parameters():
+                p -= (0.1 if step < 120 else 0.01) * p.grad
+    for rank in ranks:
+        state = rank["dropout"]["state"]
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(state[key], value, rtol=1e-9, atol=1e-11, msg=key)
 
 
 def test_ranks_agree_on_the_mean_loss_and_on_a_stop_asked_of_one_rank(ranks):

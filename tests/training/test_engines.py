@@ -13,6 +13,7 @@ from normlab.diagnostics import metrics as m
 from normlab.errors import ConfigError
 from normlab.model import build_model
 from normlab.training import LoopEvents, choose_engine, create_engine, train_loop
+from normlab.training.engines import lockstep_key
 from normlab.training.optimizers import make_optimizer
 
 from .helpers import TRAIN_XY, VAL_XY, VOCAB, random_examples
@@ -192,6 +193,16 @@ def test_auto_chooses_the_stacked_engine_where_it_runs_and_the_reference_elsewhe
     assert choose_engine(get_preset("lesson-batchnorm").model, TrainConfig(engine="reference")) == "reference"
     with pytest.raises(ConfigError, match="engine=stacked cannot run a norm after the output layer"):
         choose_engine(get_preset("lesson-deep").model, TrainConfig(engine="stacked"))
+
+
+def test_dropout_runs_on_the_reference_engine_and_the_stacked_engine_refuses_it():
+    model = dataclasses.replace(get_preset("best").model, dropout=0.1)
+    assert choose_engine(model, TrainConfig()) == "reference"
+    assert lockstep_key(model, TrainConfig()) is None  # it trains alone in a sweep
+    with pytest.raises(ConfigError, match=r"^train.engine=stacked cannot run dropout \(model.dropout=0.1\): use "
+                                          "engine=auto or engine=reference$"):
+        choose_engine(model, TrainConfig(engine="stacked"))
+    assert choose_engine(dataclasses.replace(model, dropout=0.0), TrainConfig()) == "stacked"
 
 
 def test_models_trained_at_once_must_share_the_architecture_and_the_shared_train_fields():

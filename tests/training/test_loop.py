@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from normlab.config import TrainConfig, get_preset
-from normlab.model import build_model
+from normlab.model import build_model, dropout_seed
 from normlab.training import Interrupted, LoopEvents, create_engine, train_loop
 from normlab.training.engines import Engine
 from normlab.training.loop import SYNC_EVERY
 from normlab.training.schedule import batch_table
 
-from .helpers import TRAIN_XY, VAL_XY, VOCAB
+from .helpers import TRAIN_XY, VAL_XY, VOCAB, with_torch_dropout
 
 
 def test_the_loop_on_the_reference_engine_equals_a_plain_pytorch_loop():
@@ -40,6 +40,33 @@ def test_the_loop_on_the_reference_engine_equals_a_plain_pytorch_loop():
         with torch.no_grad():
             for p in reference.parameters():
                 p -= lr * p.grad
+    for (name, a), b in zip(engine.model_state(0).items(), reference.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_dropout_on_the_reference_engine_equals_a_plain_loop_with_torchs_dropout():
+    """The engine's masks, replayed by a plain loop on a copy whose Dropout layers are torch's dropout with torch's
+    global generator seeded `dropout_seed(seed, step, 0, layer)` at each step."""
+    model_config = dataclasses.replace(get_preset("lesson-batchnorm").model, n_layers=3, dropout=0.25)
+    config = TrainConfig(steps=30, batch_size=16, lr=0.1, schedule="constant", eval_every=1000, checkpoint_every=1000,
+                         seed=4)
+    engine = create_engine([model_config], [config], VOCAB, TRAIN_XY)
+    train_loop(engine, [config], TRAIN_XY, VAL_XY, progress=False)
+    reference = build_model(model_config, VOCAB, seed=4)
+    dropouts = with_torch_dropout(reference)
+    assert len(dropouts) == 2
+    x, y = TRAIN_XY
+    indices = batch_table(config.seed, 0, len(x), config.batch_size)
+    for step in range(config.steps):
+        for layer, dropout in enumerate(dropouts):
+            dropout.seed = dropout_seed(config.seed, step, 0, layer)
+        loss = F.cross_entropy(reference(x[indices[step]]), y[indices[step]])
+        for p in reference.parameters():
+            p.grad = None
+        loss.backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= 0.1 * p.grad
     for (name, a), b in zip(engine.model_state(0).items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -153,9 +180,9 @@ def test_ctrl_c_mid_run_saves_at_the_next_step_boundary_and_stops():
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-@pytest.mark.parametrize("engine_name", ["reference", "stacked"])
-def test_resuming_from_saved_states_ends_exactly_where_one_run_ends(engine_name):
-    model_config = get_preset("lesson-batchnorm").model
+@pytest.mark.parametrize("engine_name, dropout", [("reference", 0.0), ("stacked", 0.0), ("reference", 0.3)])
+def test_resuming_from_saved_states_ends_exactly_where_one_run_ends(engine_name, dropout):
+    model_config = dataclasses.replace(get_preset("lesson-batchnorm").model, n_layers=2, dropout=dropout)
     config = TrainConfig(steps=60, batch_size=16, optimizer="adamw", lr=3e-3, eval_every=20, checkpoint_every=30,
                          engine=engine_name)
     whole = create_engine([model_config], [config], VOCAB, TRAIN_XY)

@@ -4,7 +4,8 @@ Every layer with a torch.nn namesake is a `torch.nn.Module` with torch 2.13's co
 buffer names, repr and state-dict format, so `normlab.nn.X(*args, **kwargs)` can replace
 `torch.nn.X(*args, **kwargs)` and state dicts load both ways; that includes `SyncBatchNorm`, written out over
 `torch.distributed` (gloo or NCCL). `GhostBatchNorm1d` and `BatchRenorm1d` have no torch namesake; they keep
-BatchNorm1d's parameters, buffers and state dicts. normlab's own options are keyword-only. `init` holds the
+BatchNorm1d's parameters, buffers and state dicts. `Dropout` draws its masks from the generator it is given
+(torch's own from the global one). normlab's own options are keyword-only. `init` holds the
 initialisers, `functional` the batch norm with a hand-derived backward, `fold_batchnorm` folds eval-mode batch
 norms into the Linear or convolution before them. `Module` is torch's, re-exported for models built on these
 layers.
@@ -14,6 +15,7 @@ from torch.nn import Module
 
 from normlab.nn import functional, init
 from normlab.nn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from normlab.nn.dropout import Dropout
 from normlab.nn.fold import fold_batchnorm, foldable_batchnorms
 from normlab.nn.ghost import GhostBatchNorm1d
 from normlab.nn.layers import (
@@ -35,6 +37,7 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchRenorm1d",
+    "Dropout",
     "Embedding",
     "Flatten",
     "FlattenConsecutive",

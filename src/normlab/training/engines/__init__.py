@@ -160,10 +160,10 @@ def create_engine(models: Sequence[ModelConfig], trains: Sequence[TrainConfig], 
         if name == "ddp":
             from normlab.training.engines.distributed import DistributedEngine
 
-            return DistributedEngine(model, trains[0], train_xy, optimizer_state=optimizer_state)
+            return DistributedEngine(model, trains[0], train_xy, optimizer_state=optimizer_state, step=step)
         from normlab.training.engines.reference import ReferenceEngine
 
-        return ReferenceEngine(model.to(device), trains[0], train_xy, optimizer_state=optimizer_state)
+        return ReferenceEngine(model.to(device), trains[0], train_xy, optimizer_state=optimizer_state, step=step)
     from normlab.training.engines.stacked.engine import StackedEngine
 
     states = initial_states(models, trains, vocab_size) if states is None else states

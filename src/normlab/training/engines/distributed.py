@@ -15,6 +15,9 @@ divisible by W). What each rank normalises with follows `model.norm`:
                  the ghost batch size)
     layer, ...   per-example norms: the same as one process
 
+With `model.dropout` each rank draws its own masks for its slice (seeded with its rank too, see
+`normlab.model.seed_dropout`): independent across ranks, but not the masks of a one-process run.
+
 Batch losses stay per rank until the loop's sync, where `agree` averages them (and a stop request) over the
 ranks in one all-reduce, so every rank sees the same NaN and stops at the same step.
 """
@@ -30,7 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from normlab import nn
 from normlab.config import TrainConfig
 from normlab.errors import ConfigError
-from normlab.model import LanguageModel
+from normlab.model import LanguageModel, dropout_layers
 from normlab.training.engines import Split
 from normlab.training.engines.reference import ReferenceEngine, reference_step
 from normlab.training.optimizers import make_optimizer
@@ -54,11 +57,12 @@ class DistributedEngine(ReferenceEngine):
     steps."""
 
     def __init__(self, model: LanguageModel, config: TrainConfig, train_xy: Split, *,
-                 optimizer_state: dict[str, Any] | None = None) -> None:
+                 optimizer_state: dict[str, Any] | None = None, step: int = 0) -> None:
         if not (dist.is_available() and dist.is_initialized()):
             raise ConfigError("the ddp engine needs an initialised torch.distributed process group")
         self.rank, self.processes = dist.get_rank(), dist.get_world_size()
         self.part = rank_slice(config.batch_size, self.rank, self.processes)
+        self.seed, self.next_step, self.dropouts = config.seed, step, dropout_layers(model)
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # the rank's GPU (see ranks.join)
@@ -76,6 +80,7 @@ class DistributedEngine(ReferenceEngine):
 
     def _step(self, indices: torch.Tensor, rate: float) -> torch.Tensor:
         index = indices[self.part]  # (B/W,) this rank's slice of the global batch
+        self._draw_masks()
         return reference_step(self.ddp, self.optimizer, self.x[index], self.y[index], rate, self.grad_clip)
 
     def agree(self, losses: torch.Tensor, stop: bool) -> tuple[torch.Tensor, bool]:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from normlab.config import TrainConfig
-from normlab.model import LanguageModel
+from normlab.model import LanguageModel, dropout_layers, seed_dropout
 from normlab.training.engines import Engine, Split
 from normlab.training.evaluation import evaluate
 from normlab.training.optimizers import make_optimizer
@@ -41,13 +41,16 @@ def reference_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: 
 
 class ReferenceEngine(Engine):
     """Trains `model` with minibatch cross-entropy: forward, `loss.backward()`, optional clipping of the global
-    gradient norm, `optimizer.step()`."""
+    gradient norm, `optimizer.step()`. `step` is the number of steps already trained (the run's checkpoint):
+    the model's Dropout layers are reseeded before every step from (seed, step) (`normlab.model.seed_dropout`)."""
 
     num_models = 1
+    rank = 0
 
     def __init__(self, model: LanguageModel, config: TrainConfig, train_xy: Split, *,
-                 optimizer_state: dict[str, Any] | None = None) -> None:
+                 optimizer_state: dict[str, Any] | None = None, step: int = 0) -> None:
         self.device = torch.device(config.device)
+        self.seed, self.next_step, self.dropouts = config.seed, step, dropout_layers(model)
         self.model = model.to(self.device).train()
         self.optimizer = make_optimizer(model.parameters(), config)
         if optimizer_state is not None:
@@ -56,7 +59,14 @@ class ReferenceEngine(Engine):
         self.x, self.y = train_xy[0].to(self.device), train_xy[1].to(self.device)
         self.monitors: list[Any] = []
 
+    def _draw_masks(self) -> None:
+        """Seed the Dropout layers for the step about to run, and count it."""
+        if self.dropouts:
+            seed_dropout(self.dropouts, self.seed, self.next_step, rank=self.rank, device=self.device)
+        self.next_step += 1
+
     def _step(self, index: torch.Tensor, rate: float) -> torch.Tensor:
+        self._draw_masks()
         return reference_step(self.model, self.optimizer, self.x[index], self.y[index], rate, self.grad_clip)
 
     def run_steps(self, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor:
@@ -85,6 +95,7 @@ class ReferenceEngine(Engine):
     def record_step(self, step: int, indices: torch.Tensor, rates: torch.Tensor) -> torch.Tensor | None:
         """Train step `step` with the monitor's hooks armed."""
         monitor = self.monitors[0]
+        self.next_step = step
         monitor.begin_step(step)
         loss = self._step(indices[0], float(rates[0]))
         monitor.end_step(loss)

@@ -44,6 +44,8 @@ def stacking_problem(config: ModelConfig) -> str | None:
         return "residual connections"
     if config.output_norm:
         return "a norm after the output layer"
+    if config.dropout > 0:
+        return f"dropout (model.dropout={config.dropout})"
     return None
 
 
