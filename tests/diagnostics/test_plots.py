@@ -8,7 +8,7 @@ from normlab.diagnostics import Diagnostics, Histogram, load_diagnostics, plot_a
 from normlab.diagnostics.figures import distribution_layers
 from normlab.diagnostics.storage import ModuleInfo
 from normlab.diagnostics.timeplots import rebin
-from normlab.runs.rundir import read_metrics
+from normlab.runs.metrics import read_metrics
 
 
 def test_plot_all_draws_the_lesson_plots_and_the_rest(run_dir, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 
 from normlab.diagnostics import load_diagnostics, write_report
 from normlab.errors import CheckpointError
-from normlab.runs.rundir import read_metrics
+from normlab.runs.metrics import read_metrics
 
 CHROMIUM_FLAGS = [
     "--headless",

@@ -7,7 +7,7 @@ import pytest
 
 from normlab.diagnostics import Diagnostics, export_tensorboard, load_diagnostics
 from normlab.diagnostics import metrics as m
-from normlab.runs.rundir import read_metrics
+from normlab.runs.metrics import read_metrics
 
 event_accumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator", reason="the tensorboard extra is not installed"

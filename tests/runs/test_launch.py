@@ -17,7 +17,8 @@ import torch.distributed as dist
 from conftest import TINY_SETTINGS
 
 from normlab.cli import main
-from normlab.runs.rundir import RunDir, read_metrics
+from normlab.runs.metrics import read_metrics
+from normlab.runs.rundir import RunDir
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available in this build")

@@ -11,7 +11,8 @@ from normlab.config import config_for_preset
 from normlab.data import Vocab
 from normlab.errors import CheckpointError
 from normlab.model import build_model
-from normlab.runs.rundir import RunDir, read_metrics
+from normlab.runs.metrics import read_metrics
+from normlab.runs.rundir import RunDir
 from normlab.training.optimizers import make_optimizer
 
 VOCAB = Vocab(tuple(".abcdefghijklmnopqrstuvwxyz"))

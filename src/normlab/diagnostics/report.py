@@ -68,7 +68,8 @@ def read_run_files(run_dir: Path) -> RunFiles:
     The one place the report reads the run directory's own files, through `normlab.runs.rundir`, the module that
     knows them (its ``diagnostics/`` are read by :func:`~normlab.diagnostics.storage.load_diagnostics`).
     """
-    from normlab.runs.rundir import read_config_json, read_metrics, read_vocab_size
+    from normlab.runs.metrics import read_metrics
+    from normlab.runs.rundir import read_config_json, read_vocab_size
 
     vocab_size = read_vocab_size(run_dir)
     return RunFiles(read_config_json(run_dir), read_metrics(run_dir), vocab_size if vocab_size and vocab_size >= 2

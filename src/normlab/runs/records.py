@@ -95,3 +95,12 @@ def check_weights(tensors: dict[str, torch.Tensor], expected: dict[str, tuple[tu
     if bad:
         raise CheckpointError(f"{path} is damaged: {bad[0]} holds NaN, Inf or (for a variance) negative values; "
                               "restore it, or train again")
+
+
+def refuse_outside_link(path: Path, root: Path) -> None:
+    """`CheckpointError` if `path` is a symbolic link to somewhere outside the folder `root`."""
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.is_relative_to(root.resolve()):
+            raise CheckpointError(f"{path} is a symbolic link to {target}, outside the run directory: normlab does "
+                                  "not follow links out of a run directory; replace it with the file itself")

@@ -1,4 +1,4 @@
-"""The run directory, the one module that knows its files: config, vocabulary, checkpoints, metrics.
+"""The run directory (with `metrics` and `records`, the only modules that know its files): config, checkpoints.
 
     RUN/config.json                 the RunConfig
     RUN/vocab.json                  {"itos": [".", "a", ...]}
@@ -40,13 +40,15 @@ import torch
 from normlab.config import RunConfig
 from normlab.data import Vocab
 from normlab.errors import CheckpointError, NormlabError
-from normlab.files import TEMPORARY_SUFFIX, append_line, atomic_write, remove_stale_temporaries, sync_folder
+from normlab.files import TEMPORARY_SUFFIX, atomic_write, remove_stale_temporaries, sync_folder
 from normlab.model import LanguageModel, build_model, state_shapes
 from normlab.runs import records
 from normlab.runs import tensors as disk
 from normlab.runs.lock import LOCK_FILE, RunLock
+from normlab.runs.metrics import METRICS, MetricsFile
+from normlab.runs.records import refuse_outside_link
 
-CONFIG, VOCAB, METRICS, CHECKPOINT = "config.json", "vocab.json", "metrics.jsonl", "checkpoint.json"
+CONFIG, VOCAB, CHECKPOINT = "config.json", "vocab.json", "checkpoint.json"
 MODEL, OPTIMIZER, UNCALIBRATED = "model.safetensors", "optimizer.safetensors", "model.uncalibrated.safetensors"
 DIAGNOSTICS, REPORT = "diagnostics", "report.html"
 OPTIMIZER_CLASSES = {"sgd": "SGD", "adamw": "AdamW"}
@@ -73,20 +75,6 @@ class Checkpoint:
         return (self.folder / UNCALIBRATED).is_file()
 
 
-def read_metrics(run_path: str | Path) -> list[dict[str, Any]]:
-    """Every row of `RUN/metrics.jsonl` (empty if there is none); `CheckpointError` names a line that is not a
-    JSON object, whose step is not a whole number or whose losses are not numbers."""
-    path = Path(run_path) / METRICS
-    if not path.is_file():
-        return []
-    _refuse_outside_link(path, Path(run_path))
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as error:
-        raise CheckpointError(f"{path} cannot be read ({error})") from None
-    return records.metrics_rows(text, path)
-
-
 def read_vocab_size(run_path: str | Path) -> int | None:
     """The number of symbols in `RUN/vocab.json`, or None if it is missing or unreadable (for display)."""
     try:
@@ -105,17 +93,8 @@ def read_config_json(run_path: str | Path) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-def _refuse_outside_link(path: Path, root: Path) -> None:
-    """`CheckpointError` if `path` is a symbolic link to somewhere outside the folder `root`."""
-    if path.is_symlink():
-        target = path.resolve()
-        if not target.is_relative_to(root.resolve()):
-            raise CheckpointError(f"{path} is a symbolic link to {target}, outside the run directory: normlab does "
-                                  "not follow links out of a run directory; replace it with the file itself")
-
-
 @dataclass
-class RunDir:
+class RunDir(MetricsFile):
     """A run directory on disk, with its config and vocabulary loaded and checked.
 
     Opened for writing (`create`, or `open(path, lock=...)`), it holds the run's lock until `release` (or the
@@ -188,7 +167,7 @@ class RunDir:
         for name in (CONFIG, VOCAB):
             if not (path / name).is_file():
                 raise CheckpointError(f"{path / name} is missing: {path} is not a normlab run directory")
-            _refuse_outside_link(path / name, path)
+            refuse_outside_link(path / name, path)
         try:
             config = RunConfig.from_json((path / CONFIG).read_text(encoding="utf-8"))
             vocab = Vocab.from_json((path / VOCAB).read_text(encoding="utf-8"))
@@ -196,7 +175,7 @@ class RunDir:
             raise CheckpointError(f"{path}: {error}") from None
         run = cls(path, config, vocab)
         for name in (METRICS, CHECKPOINT, MODEL, OPTIMIZER, DIAGNOSTICS, REPORT):
-            _refuse_outside_link(path / name, path)
+            refuse_outside_link(path / name, path)
         if lock is not None:
             run.lock.acquire(lock)
             try:
@@ -396,54 +375,6 @@ class RunDir:
         with torch.device("meta"):
             shapes = [tuple(p.shape) for p in build_model(self.config.model, len(self.vocab)).parameters()]
         return disk.optimizer_state(tensors, metadata, shapes, path)
-
-    # ----------------------------------------------------------------------------------------------- metrics
-    def append_metrics(self, row: dict[str, Any]) -> None:
-        """Append one row to `metrics.jsonl` (never through a symbolic link)."""
-        try:
-            append_line(self.path / METRICS, json.dumps(row))
-        except OSError as error:
-            raise CheckpointError(f"cannot append to {self.path / METRICS} ({error.strerror or error}); it must "
-                                  "be a plain file, not a link") from None
-
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """Every row of `metrics.jsonl` (empty if there is none); unreadable lines raise `CheckpointError`."""
-        return read_metrics(self.path)
-
-    def metrics_size(self) -> int:
-        """The length of `metrics.jsonl` in bytes (0 if there is none)."""
-        path = self.path / METRICS
-        return path.stat().st_size if path.is_file() and not path.is_symlink() else 0
-
-    def keep_metrics_until(self, step: int) -> None:
-        """Drop metrics rows after `step` (and any final row), so a resumed run does not repeat them; a torn
-        last line (a process killed while appending) is dropped too."""
-        path = self.path / METRICS
-        if not path.is_file():
-            return
-        text = path.read_bytes().decode("utf-8", errors="replace")
-        if not text.endswith("\n"):
-            text = text[: text.rfind("\n") + 1]
-        rows = records.metrics_rows(text, path)
-        kept = [row for row in rows if row.get("step", 0) <= step and row.get("event") != "final"]
-        atomic_write(path, "".join(json.dumps(row) + "\n" for row in kept))
-
-    def rewind_metrics(self) -> None:
-        """Cut `metrics.jsonl` back to what it held when the current checkpoint was written (before the first
-        checkpoint: to nothing), for a resume."""
-        current = self.checkpoint() or Checkpoint(self.path, 0, 0)
-        path = self.path / METRICS
-        size = self.metrics_size()
-        if current.metrics_bytes is None or size < current.metrics_bytes:
-            self.keep_metrics_until(current.step)
-            return
-        if size == current.metrics_bytes:
-            return
-        with open(path, "rb") as file:
-            kept = file.read(current.metrics_bytes)
-        atomic_write(path, kept)
-        self.read_metrics()  # `CheckpointError` now, rather than later, if what is kept is damaged
-
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """Give `target` the contents of the finished, never-modified file `source`: a hard link where possible."""

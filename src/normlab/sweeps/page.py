@@ -17,7 +17,7 @@ from typing import Any
 
 from normlab.errors import CheckpointError
 from normlab.files import atomic_write
-from normlab.runs.rundir import read_metrics
+from normlab.runs.metrics import read_metrics
 from normlab.sweeps.summary import SPLITS, SweepRow, configurations, read_summary
 
 REPORT = "report.html"
