@@ -32,14 +32,7 @@ def test_the_loop_on_the_reference_engine_equals_a_plain_pytorch_loop():
     x, y = TRAIN_XY
     indices = batch_table(config.seed, 0, len(x), config.batch_size)
     for step in range(config.steps):
-        lr = 0.1 if step < 25 else 0.01
-        loss = F.cross_entropy(reference(x[indices[step]]), y[indices[step]])
-        for p in reference.parameters():
-            p.grad = None
-        loss.backward()
-        with torch.no_grad():
-            for p in reference.parameters():
-                p -= lr * p.grad
+        _plain_sgd_step(reference, x[indices[step]], y[indices[step]], 0.1 if step < 25 else 0.01)
     for (name, a), b in zip(engine.model_state(0).items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
 
@@ -60,15 +53,20 @@ def test_dropout_on_the_reference_engine_equals_a_plain_loop_with_torchs_dropout
     for step in range(config.steps):
         for layer, dropout in enumerate(dropouts):
             dropout.seed = dropout_seed(config.seed, step, 0, layer)
-        loss = F.cross_entropy(reference(x[indices[step]]), y[indices[step]])
-        for p in reference.parameters():
-            p.grad = None
-        loss.backward()
-        with torch.no_grad():
-            for p in reference.parameters():
-                p -= 0.1 * p.grad
+        _plain_sgd_step(reference, x[indices[step]], y[indices[step]], 0.1)
     for (name, a), b in zip(engine.model_state(0).items(), reference.state_dict().values()):
         torch.testing.assert_close(a, b, msg=name)
+
+
+def _plain_sgd_step(model, x, y, lr):
+    """The lesson's update, written out: cross-entropy, backward, p -= lr * grad."""
+    loss = F.cross_entropy(model(x), y)
+    for p in model.parameters():
+        p.grad = None
+    loss.backward()
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= lr * p.grad
 
 
 class ScriptedEngine(Engine):
