@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -156,29 +155,16 @@ def plot_all(
     out_dir = Path(out_dir)
     steps = sorted({step for values in diagnostics.histograms.values() for step in values})
     snapshots = sorted({steps[0], steps[-1]}) if steps else []
-    tasks: list[tuple[Callable[..., Any], tuple]] = []
+    paths: list[Path | None] = []
     for name, plot in (
         ("activations", plot_activation_distributions),
         ("gradients", plot_gradient_distributions),
         ("weight_gradients", plot_weight_gradient_distributions),
     ):
-        tasks += [(plot, (diagnostics, out_dir / f"{name}_step{step}.png", step)) for step in snapshots]
-    tasks += [
-        (plot_update_to_data, (diagnostics, out_dir / "update_to_data.png")),
-        (plot_loss, (diagnostics, out_dir / "loss.png", metrics_rows)),
-        (plot_gradient_norms, (diagnostics, out_dir / "gradient_norms.png")),
-        (plot_saturation, (diagnostics, out_dir / "saturation.png")),
-        (plot_activation_heatmaps, (diagnostics, out_dir)),
-    ]
-    paths: list[Path | None] = []
-    for result in _draw(tasks):
-        paths += result if isinstance(result, list) else [result]
+        paths += [plot(diagnostics, out_dir / f"{name}_step{step}.png", step) for step in snapshots]
+    paths.append(plot_update_to_data(diagnostics, out_dir / "update_to_data.png"))
+    paths.append(plot_loss(diagnostics, out_dir / "loss.png", metrics_rows))
+    paths.append(plot_gradient_norms(diagnostics, out_dir / "gradient_norms.png"))
+    paths.append(plot_saturation(diagnostics, out_dir / "saturation.png"))
+    paths += plot_activation_heatmaps(diagnostics, out_dir)
     return [path for path in paths if path is not None]
-
-
-
-def _draw(tasks: list[tuple[Callable[..., Any], tuple]]) -> list[Any]:
-    """Run the drawing `tasks` (function, arguments) and return their results in order. (Drawing them in forked
-    processes was tried: a fork of a process that holds other threads, e.g. a wandb or TensorBoard writer's, could
-    hang the pool.)"""
-    return [function(*args) for function, args in tasks]
