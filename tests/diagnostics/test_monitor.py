@@ -201,6 +201,12 @@ def test_update_to_data_of_a_written_out_update_is_its_std_over_the_weights_std(
     assert monitor.diagnostics.value("2.weight", m.UPDATE_TO_DATA, 0) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.parametrize("rate", ["0.1", True, [0.1]])
+def test_before_update_names_a_learning_rate_that_is_not_a_number(rate):
+    with Monitor(lesson_mlp(), every=1) as monitor, pytest.raises(TypeError, match="learning_rate must be a number"):
+        monitor.before_update(rate)
+
+
 def test_before_update_without_after_update_records_no_update_and_keeps_no_copy():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(512, 600), nn.Tanh(), nn.Linear(600, 4))  # large: snapshots taken

@@ -268,6 +268,9 @@ class Monitor:
         ``p.data += -lr * p.grad``): call it just before the update, and :meth:`after_update` just after.
         Parameters and gradients are read here and update:data is recorded as with an optimizer's step, with
         ``learning_rate``. Nothing happens on steps that do not record."""
+        if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(
+                learning_rate, (numbers.Real, torch.Tensor))):
+            raise TypeError(f"learning_rate must be a number, a tensor or None, got {learning_rate!r}")
         capture = self._capture
         if capture is not None and not capture.parameters_read:
             self._read_parameters(capture, learning_rate, before_update=True)
